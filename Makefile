@@ -1,0 +1,35 @@
+# Set-up, demo and tests. Each target creates the virtualenv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PMM    := $(VENV)/bin/pathways-mm
+STAMP  := $(VENV)/.installed
+DEMO   ?= configs/experiments/demo.yaml
+
+.PHONY: all install demo test test-fast tokenizer clean
+
+all: test
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PMM) train $(DEMO) --set train.out_dir=runs/demo
+	$(PMM) eval runs/demo --out runs/demo/eval.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not distributed and not slow"
+
+tokenizer: $(STAMP)
+	$(PY) -m pathways_mm.encoders.build_tokenizer
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,109 @@
+"""The `pathways-mm` command line. User errors print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from pathways_mm.errors import ConfigError
+
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
+
+def run_guarded(fn: Callable[[], Any]) -> int:
+    """Run `fn`; a user error becomes `pathways-mm: error: ...` on stderr and exit status 2."""
+    try:
+        fn()
+    except USER_ERRORS as e:
+        if os.environ.get("PMM_TRACEBACK"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"pathways-mm: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pathways-mm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathways_mm.config import load_config
+    from pathways_mm.engine import setup_single_process_env
+    from pathways_mm.train import run
+
+    def go() -> None:
+        cfg = load_config(args.config, args.overrides)
+        setup_single_process_env()
+        run(cfg, resume=args.resume)
+
+    return run_guarded(go)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathways_mm.engine import setup_single_process_env
+    from pathways_mm.evaluate import run_eval
+
+    def go() -> None:
+        setup_single_process_env()
+        run_eval(args.checkpoint, split=args.split, max_samples=args.max_samples, out=args.out, overrides=args.overrides)
+
+    return run_guarded(go)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from pathways_mm.tasks import list_tasks, load_plugins
+
+    def go() -> None:
+        load_plugins(args.plugin)
+        infos = list_tasks()
+        w = max(len(i.name) for i in infos)
+        print(f"{'task':<{w}}  {'modalities':<18} {'metrics':<28} source")
+        for info in infos:
+            mods = ",".join(info.modalities)
+            metrics = ",".join(info.cls.metrics)
+            print(f"{info.name:<{w}}  {mods:<18} {metrics:<28} {info.source}")
+
+    return run_guarded(go)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pathways-mm", description="One sparse model, many tasks, many modalities.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an experiment in this process (CPU or one GPU)")
+    t.add_argument("config", help="experiment YAML, e.g. configs/experiments/demo.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: per-task table and a JSON report")
+    e.add_argument("checkpoint", help="run directory (runs/NAME), its checkpoints/ folder, or one checkpoint")
+    e.add_argument("--split", default=None, help="dataset split (default: the config's eval.split)")
+    e.add_argument("--max-samples", type=int, default=None, help="samples per task (0 = all)")
+    e.add_argument("--out", default=None, help="JSON report path (default: inside the checkpoint)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("tasks", help="list registered tasks, their modalities and where they come from")
+    k.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also import this plugin module")
+    k.set_defaults(func=cmd_tasks)
+
+    try:
+        from pathways_mm.bench import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

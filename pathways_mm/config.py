@@ -1,0 +1,343 @@
+"""Experiment configuration: one frozen dataclass per component, nested in `ExperimentConfig`.
+
+A YAML file holds only what differs from the defaults. `load_config` refuses unknown keys
+(naming the key path and the closest valid key) and values of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pathways_mm.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Sparse feed-forward layers. `num_experts: 0` keeps every FFN dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    moe_every: int = 2
+    capacity_factor: float | None = None  # null = dropless
+    eval_capacity_factor: float | None = None
+    impl: str = "grouped"  # "grouped" (dropless, grouped GEMM) or "deepspeed"
+    ep_size: int = 1
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    router_jitter: float = 0.0
+    debug_route_to: int | None = None  # _debug_: send every token to this expert (tests)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Decoder sizes. `size` names a row of SIZES; keys given beside it override that row."""
+
+    size: str = "debug"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 1
+    d_ff: int = 192
+    max_seq_len: int = 256
+    max_tasks: int = 32
+    prefix_lm: bool = True
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    norm_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# Named sizes. `debug` trains in seconds on a CPU; `1b` is for GPUs (with MoE every second
+# layer and 16 experts it holds about a billion parameters).
+SIZES: dict[str, dict[str, int]] = {
+    "debug": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=192),
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    "small": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=768),
+    "base": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1536),
+    "1b": dict(d_model=1536, n_layers=16, n_heads=16, n_kv_heads=4, d_ff=4096),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureConfig:
+    """Multi-task sampling: task t is drawn with probability proportional to size_t ** (1/T)."""
+
+    temperature: float = 2.0
+    weights: dict[str, float] = field(default_factory=dict)  # optional manual multipliers
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    root: str | None = None  # dataset cache; default $PMM_DATA or ~/.cache/pathways_mm
+    seed: int = 1234
+    max_len: int = 128  # longest sequence (task token + prompt + target) fed to the model
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/default"
+    ds_config: str = "../ds/cpu.json"  # relative to the experiment file
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    split: str = "test"
+    max_samples: int = 200  # per task
+    batch_size: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    tasks: tuple[str, ...] = ("text_lm", "text_arith")
+    plugins: tuple[str, ...] = ()
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str | None = None  # where the config was read from; set by load_config
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def to_dict(obj: Any) -> Any:
+    """A config as plain YAML/JSON data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0]
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        ktp, vtp = args
+        return {_coerce(k, ktp, f"{path}.{k}"): _coerce(v, vtp, f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise AssertionError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            full = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+    if cls is ModelConfig:
+        data = _apply_size(data, path)
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_size(data: dict[str, Any], path: str) -> dict[str, Any]:
+    size = data.get("size", ModelConfig.size)
+    if size not in SIZES:
+        close = difflib.get_close_matches(str(size), SIZES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"{path}.size: unknown model size {size!r}; {hint}choose one of {', '.join(SIZES)}")
+    return {**SIZES[size], **data}
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["train.steps=10", "tasks=[text_lm]"]` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (for example --set train.steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str | None = None) -> ExperimentConfig:
+    data = dict(data)
+    data.pop("source", None)
+    cfg = _build(ExperimentConfig, data, "")
+    cfg = dataclasses.replace(cfg, source=source)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read an experiment YAML file, apply `--set key=value` overrides, check every key and type."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (give the path of an experiment YAML, e.g. configs/experiments/demo.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+    data = merge_dicts(data, parse_overrides(overrides))
+    return config_from_dict(data, source=str(p.resolve()))
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Cross-field checks that a type check cannot make."""
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"model head_dim = d_model / n_heads = {m.head_dim} must be even for RoPE")
+    if not cfg.tasks:
+        raise ConfigError("tasks: list at least one task (see `pathways-mm tasks`)")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise ConfigError(f"tasks: a task is listed twice in {list(cfg.tasks)}")
+    if len(cfg.tasks) > m.max_tasks:
+        raise ConfigError(f"tasks: {len(cfg.tasks)} tasks but model.max_tasks is {m.max_tasks}")
+    if cfg.mixture.temperature <= 0:
+        raise ConfigError("mixture.temperature must be > 0 (1 = proportional to task size, large = uniform)")
+    for name in cfg.mixture.weights:
+        if name not in cfg.tasks:
+            raise ConfigError(f"mixture.weights.{name}: not one of the configured tasks {list(cfg.tasks)}")
+    t = cfg.train
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1")
+    if cfg.data.max_len > m.max_seq_len:
+        raise ConfigError(f"data.max_len ({cfg.data.max_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    e = m.moe
+    if e.num_experts < 0:
+        raise ConfigError("model.moe.num_experts must be >= 0 (0 = dense)")
+    if e.num_experts:
+        if e.impl not in ("grouped", "deepspeed"):
+            raise ConfigError(f"model.moe.impl: {e.impl!r} is not 'grouped' or 'deepspeed'")
+        if not 1 <= e.top_k <= e.num_experts:
+            raise ConfigError(f"model.moe.top_k ({e.top_k}) must be between 1 and num_experts ({e.num_experts})")
+        if e.ep_size < 1 or e.num_experts % e.ep_size:
+            raise ConfigError(
+                f"model.moe.num_experts ({e.num_experts}) must be divisible by model.moe.ep_size ({e.ep_size})"
+            )
+        if e.moe_every < 1:
+            raise ConfigError("model.moe.moe_every must be >= 1")
+
+
+def resolve_relative(cfg: ExperimentConfig, path: str) -> Path:
+    """Paths inside a config are relative to the experiment file's folder (else to the cwd)."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    if cfg.source:
+        cand = Path(cfg.source).parent / p
+        if cand.exists():
+            return cand.resolve()
+    return p.resolve()
+
+
+def data_root(cfg: ExperimentConfig | None = None) -> Path:
+    if cfg is not None and cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    return Path(os.environ.get("PMM_DATA", "~/.cache/pathways_mm")).expanduser()

@@ -1,0 +1,181 @@
+"""The shared decoder: PaLM-style parallel blocks with MQA/GQA, RoPE, SwiGLU and tied embeddings.
+
+Every block computes `y = x + attn(norm(x)) + ffn(norm(x))`. The FFN is a swappable part: any
+module whose forward takes `(x_BLD, task_ids_BL)` and returns an `FFNOutput`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathways_mm.config import ModelConfig
+
+
+class FFNOutput(NamedTuple):
+    out: torch.Tensor  # [B, L, D]
+    aux_loss: torch.Tensor | None  # scalar added to the training loss (MoE balance, z-loss)
+
+
+class DecoderOutput(NamedTuple):
+    logits: torch.Tensor  # [B, L, V]
+    aux_loss: torch.Tensor  # scalar, sum over layers (0 for a dense model)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU feed-forward: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> FFNOutput:
+        return FFNOutput(self.w2(F.silu(self.w1(x)) * self.w3(x)), None)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [L, hd/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHLd: torch.Tensor, cos_Ld: torch.Tensor, sin_Ld: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles."""
+    x1, x2 = x_BHLd[..., 0::2], x_BHLd[..., 1::2]
+    cos, sin = cos_Ld.to(x_BHLd.dtype), sin_Ld.to(x_BHLd.dtype)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-query / grouped-query self-attention (n_kv_heads <= n_heads) through SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, _ = x_BLD.shape
+        q = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            # Expanding K/V is a view plus one copy; SDPA's enable_gqa is not taken by every kernel.
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+class ParallelBlock(nn.Module):
+    """Pre-norm block with attention and FFN side by side (PaLM)."""
+
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
+        self.attn = Attention(cfg)
+        self.ffn = ffn
+
+    def forward(self, x_BLD, cos, sin, mask, task_ids_BL) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.norm(x_BLD)
+        ffn_out = self.ffn(h, task_ids_BL)
+        return x_BLD + self.attn(h, cos, sin, mask) + ffn_out.out, ffn_out.aux_loss
+
+
+def attention_mask(prefix_len_B: torch.Tensor | None, L: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [B, 1, L, L] mask (True = may attend): causal, plus bidirectional inside the prefix.
+
+    Returns None for a plain causal mask (SDPA's fast path).
+    """
+    if prefix_len_B is None:
+        return None
+    q = torch.arange(L, device=device)[:, None]
+    k = torch.arange(L, device=device)[None, :]
+    causal = k <= q  # [L, L]
+    in_prefix = (k[None] < prefix_len_B[:, None, None]) & (q[None] < prefix_len_B[:, None, None])
+    return (causal[None] | in_prefix)[:, None]
+
+
+FFNFactory = Callable[[int, ModelConfig], nn.Module]
+
+
+def dense_ffn(layer: int, cfg: ModelConfig) -> nn.Module:
+    return SwiGLU(cfg.d_model, cfg.d_ff)
+
+
+class Decoder(nn.Module):
+    """Token + task embeddings, parallel blocks, final norm, LM head tied to the token embedding.
+
+    Position 0 of every sequence is the task token: its embedding is `task_embed[task_id]`.
+    `prefix_len_B` (task token + modality embeddings + prompt) attends bidirectionally when
+    `cfg.prefix_lm`; everything else is causal.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, ffn_factory: FFNFactory = dense_ffn):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.task_embed = nn.Embedding(cfg.max_tasks, cfg.d_model)
+        self.blocks = nn.ModuleList(ParallelBlock(cfg, ffn_factory(i, cfg)) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            # Output projections scaled by depth (GPT-2): the residual stream's variance stays flat.
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def embed(self, tokens_BL: torch.Tensor, task_ids_B: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embed(tokens_BL)
+        return torch.cat([self.task_embed(task_ids_B)[:, None], x[:, 1:]], dim=1)
+
+    def forward(
+        self,
+        tokens_BL: torch.Tensor,
+        task_ids_B: torch.Tensor,
+        prefix_len_B: torch.Tensor | None = None,
+        inputs_embeds_BLD: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        B, L = tokens_BL.shape
+        if L > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {L} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(tokens_BL, task_ids_B) if inputs_embeds_BLD is None else inputs_embeds_BLD
+        mask = attention_mask(prefix_len_B, L, x.device) if self.cfg.prefix_lm else None
+        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        task_ids_BL = task_ids_B[:, None].expand(B, L)  # every token carries its task to the routers
+        aux_total = x.new_zeros(())
+        for block in self.blocks:
+            x, aux = block(x, cos, sin, mask, task_ids_BL)
+            if aux is not None:
+                aux_total = aux_total + aux
+        logits = F.linear(self.norm(x), self.tok_embed.weight)  # tied input/output embeddings
+        return DecoderOutput(logits, aux_total)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embed.weight.numel() + self.task_embed.weight.numel()
+        return n

@@ -1,0 +1,178 @@
+"""Evaluation: per-task metrics on a held-out split, sharded over ranks, gathered on rank 0.
+
+    pathways-mm eval CKPT [--split test] [--max-samples N] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pathways_mm import engine as ds_engine
+from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
+from pathways_mm.data import Batch, collate, load_split
+from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
+from pathways_mm.errors import ConfigError
+from pathways_mm.losses import forward_loss
+from pathways_mm.model import build_model
+from pathways_mm.tasks import Task, ensure_loaded, get_task
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+@torch.no_grad()
+def greedy_generate(model, batch: Batch, max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Greedy decoding from each prefix; always runs `max_new_tokens` forwards (ranks stay in step)."""
+    B = len(batch)
+    tokens = batch.tokens
+    lengths = batch.lengths.clone()
+    out: list[list[int]] = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    rows = torch.arange(B, device=tokens.device)
+    for _ in range(max_new_tokens):
+        logits = model(tokens, batch.task_ids, batch.prefix_len).logits  # [B, L, V]
+        nxt = logits[rows, lengths - 1].argmax(-1)
+        tokens = torch.cat([tokens, torch.full((B, 1), pad_id, dtype=tokens.dtype, device=tokens.device)], dim=1)
+        tokens[rows, lengths] = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        for i in (~finished).nonzero().flatten().tolist():
+            if nxt[i].item() != eos_id:
+                out[i].append(nxt[i].item())
+        finished |= nxt == eos_id
+        lengths = lengths + 1
+    return out
+
+
+def _shard(items: list[Any], rank: int, world: int) -> list[Any]:
+    """Every rank gets the same number of items (the last ones repeat) so collectives line up."""
+    per = math.ceil(len(items) / world)
+    mine = items[rank * per : (rank + 1) * per]
+    return mine + [items[-1]] * (per - len(mine)) if mine else [items[-1]] * per
+
+
+def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: TextTokenizer, rank: int, world: int):
+    """Per-sample raw numbers for this rank's shard: (index, nll, tokens, bytes, generated, target)."""
+    indexed = list(enumerate(samples))
+    mine = _shard(indexed, rank, world)
+    dev = ds_engine.device()
+    need_gen = any(m in task.metrics for m in ("exact_match", "char_error_rate"))
+    rows = []
+    bs = cfg.eval.batch_size
+    for start in range(0, len(mine), bs):
+        chunk = mine[start : start + bs]
+        examples = [task.encode(s) for _, s in chunk]
+        batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len).to(dev)
+        out = forward_loss(model, batch)
+        gen = [None] * len(chunk)
+        if need_gen:
+            prompt_only = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, with_target=False).to(dev)
+            ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
+            gen = [tok.decode(x) for x in ids]
+        for j, (idx, _) in enumerate(chunk):
+            rows.append((idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(), gen[j], examples[j].target_text))
+    return rows
+
+
+def _metrics(task: Task, rows: list[tuple]) -> dict[str, float]:
+    nll = sum(r[1] for r in rows)
+    ntok = sum(r[2] for r in rows)
+    nbytes = sum(r[3] for r in rows)
+    res: dict[str, float] = {"n": len(rows), "loss": nll / max(ntok, 1)}
+    if "bits_per_byte" in task.metrics:
+        res["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
+    if "exact_match" in task.metrics:
+        res["exact_match"] = sum(r[4].strip() == r[5].strip() for r in rows) / len(rows)
+    if "char_error_rate" in task.metrics:
+        errs = sum(edit_distance(r[4].strip(), r[5].strip()) for r in rows)
+        res["char_error_rate"] = errs / max(1, sum(len(r[5].strip()) for r in rows))
+    return res
+
+
+def evaluate(model, cfg: ExperimentConfig, tasks: Sequence[Task], tok: TextTokenizer, rank: int = 0, world: int = 1,
+             split: str | None = None, max_samples: int | None = None) -> dict[str, Any]:
+    """Metrics per task (and chance levels) on `split`; every rank must call it."""
+    import torch.distributed as dist
+
+    split = split or cfg.eval.split
+    limit = cfg.eval.max_samples if max_samples is None else max_samples
+    root = data_root(cfg)
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    for tid, task in enumerate(tasks):
+        samples = load_split(task, split, root, cfg.data.seed)
+        train = load_split(task, "train", root, cfg.data.seed)
+        samples = samples[:limit] if limit else samples
+        with torch.no_grad():
+            rows = _task_results(model, task, tid, samples, cfg, tok, rank, world)
+        gathered: list[Any] = [None] * world
+        if world > 1:
+            dist.all_gather_object(gathered, rows)
+        else:
+            gathered = [rows]
+        by_index = {r[0]: r for part in gathered for r in part}  # repeats from shard padding collapse
+        res = _metrics(task, [by_index[i] for i in sorted(by_index)])
+        res["chance"] = {m: task.chance(m, train, samples) for m in task.metrics}
+        results[task.name] = res
+    if was_training:
+        model.train()
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"{'task':<20} {'metric':<16} {'value':>8} {'chance':>8} {'n':>6}"]
+    for name, res in results.items():
+        for metric, chance in res["chance"].items():
+            c = "-" if chance is None else f"{chance:.3f}"
+            lines.append(f"{name:<20} {metric:<16} {res[metric]:>8.3f} {c:>8} {res['n']:>6}")
+    return "\n".join(lines)
+
+
+def eval_ds_config(meta_cfg: ExperimentConfig) -> dict[str, Any]:
+    ds: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    if torch.cuda.is_available():
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None, out: str | None = None,
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load a checkpoint (any process count), evaluate its tasks, print a table and write JSON."""
+    import deepspeed
+
+    from pathways_mm.config import merge_dicts, parse_overrides
+    from pathways_mm.train import check_compatible
+
+    tag_dir = ds_engine.resolve_checkpoint(ckpt)
+    meta = ds_engine.read_meta(tag_dir)
+    cfg = config_from_dict(merge_dicts(meta["config"], parse_overrides(list(overrides))), source=meta["config"].get("source"))
+    rank, world = ds_engine.init_distributed(cfg.train.threads)
+    tok = load_tokenizer()
+    check_compatible(meta, cfg, tok)
+    ensure_loaded(cfg.plugins)
+    table = meta["task_table"]
+    tasks = [get_task(name) for name in sorted(table, key=table.get)]
+    model = build_model(cfg.model, tok.vocab_size).to(ds_engine.device())
+    engine, *_ = deepspeed.initialize(model=model, config=eval_ds_config(cfg))
+    ds_engine.load_checkpoint(engine, tag_dir, with_optimizer=False)
+    results = evaluate(engine, cfg, tasks, tok, rank, world, split=split, max_samples=max_samples)
+    report = {"checkpoint": str(tag_dir), "step": meta["step"], "split": split or cfg.eval.split, "tasks": results}
+    if rank == 0:
+        print(format_table(results))
+        path = Path(out) if out else tag_dir / f"eval_{report['split']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"pathways-mm: wrote {path}", file=sys.stderr)
+    return report

@@ -1,0 +1,29 @@
+"""The training objective: next-token loss on target tokens plus the model's aux losses."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from pathways_mm.data import IGNORE, Batch
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # what backward() sees: lm_loss + aux_loss
+    lm_loss: torch.Tensor  # mean NLL per target token
+    aux_loss: torch.Tensor
+    nll_B: torch.Tensor  # summed NLL (nats) per sample, detached
+    num_tokens_B: torch.Tensor  # target tokens per sample
+
+
+def forward_loss(model, batch: Batch) -> LossOutput:
+    out = model(batch.tokens, batch.task_ids, batch.prefix_len)
+    logits_BLV = out.logits.float()  # loss math in float32 whatever the compute dtype
+    nll_BL = F.cross_entropy(logits_BLV.transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
+    mask_BL = batch.labels != IGNORE
+    num_tokens_B = mask_BL.sum(1)
+    nll_B = nll_BL.sum(1)
+    lm_loss = nll_B.sum() / num_tokens_B.sum().clamp(min=1)
+    return LossOutput(lm_loss + out.aux_loss, lm_loss, out.aux_loss, nll_B.detach(), num_tokens_B)

@@ -1,0 +1,229 @@
+"""Multi-task training on DeepSpeed, one process or many.
+
+    pathways-mm train CONFIG [--set key=value ...] [--resume]
+    deepspeed --num_gpus N --module pathways_mm.train --config CONFIG [--set ...] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from pathways_mm import engine as ds_engine
+from pathways_mm.config import ExperimentConfig, data_root, load_config, to_dict
+from pathways_mm.data import Batch, MixtureSampler, collate, load_split
+from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
+from pathways_mm.errors import ConfigError
+from pathways_mm.losses import forward_loss
+from pathways_mm.model import active_params, build_model
+from pathways_mm.tasks import Task, ensure_loaded, get_task
+
+
+@dataclass
+class TaskSet:
+    """The configured tasks, their ids (the task table) and their training samples."""
+
+    tasks: list[Task]
+    train: list[list[Any]]
+
+    @property
+    def table(self) -> dict[str, int]:
+        return {t.name: i for i, t in enumerate(self.tasks)}
+
+
+def load_tasks(cfg: ExperimentConfig, rank: int = 0, splits: Sequence[str] = ("train",)) -> TaskSet:
+    """Build (rank 0 first, others then read the cache) and load the configured tasks."""
+    import torch.distributed as dist
+
+    ensure_loaded(cfg.plugins)
+    tasks = [get_task(name) for name in cfg.tasks]
+    root = data_root(cfg)
+
+    def load_all() -> list[list[Any]]:
+        return [load_split(t, "train", root, cfg.data.seed) for t in tasks] if "train" in splits else []
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and rank != 0:
+        dist.barrier()
+    train = load_all()
+    if distributed and rank == 0:
+        dist.barrier()
+    return TaskSet(tasks=tasks, train=train)
+
+
+def make_sampler(cfg: ExperimentConfig, ts: TaskSet) -> MixtureSampler:
+    weights = [cfg.mixture.weights.get(t.name, 1.0) for t in ts.tasks]
+    return MixtureSampler([len(s) for s in ts.train], cfg.mixture.temperature, cfg.seed, weights)
+
+
+def train_batch(cfg, ts: TaskSet, sampler: MixtureSampler, tok: TextTokenizer, step: int, micro: int, rank: int) -> Batch:
+    picks = sampler.draw(cfg.train.micro_batch_size, step, micro, rank)
+    examples = [ts.tasks[t].encode(ts.train[t][i]) for t, i in picks]
+    return collate(examples, [t for t, _ in picks], tok, cfg.data.max_len)
+
+
+def checkpoint_meta(cfg: ExperimentConfig, ts: TaskSet, tok: TextTokenizer, step: int) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "step": step,
+        "config": to_dict(cfg),
+        "task_table": ts.table,
+        "tokenizer_hash": tok.hash,
+        "vocab_size": tok.vocab_size,
+    }
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, records after the resumed step are dropped (they are redone)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            path.write_text("".join(l + "\n" for l in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
+    """Train `cfg` to `train.steps`; returns the final summary (evaluation included)."""
+    import torch.distributed as dist
+
+    from pathways_mm.evaluate import evaluate, format_table
+
+    rank, world = ds_engine.init_distributed(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.train.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    resume_from = None
+    if resume:
+        resume_from = ds_engine.resolve_checkpoint(out_dir) if ckpt_dir.exists() else None
+        if resume_from is None and rank == 0:
+            print(f"pathways-mm: no checkpoint under {ckpt_dir}; starting from step 0", file=sys.stderr)
+    tok = load_tokenizer()
+    if resume_from is not None:
+        check_compatible(ds_engine.read_meta(resume_from), cfg, tok)
+    ts = load_tasks(cfg, rank)
+    model = build_model(cfg.model, tok.vocab_size)
+    engine = ds_engine.initialize(model, cfg, world)
+    start = 0
+    if resume_from is not None:
+        ds_engine.load_checkpoint(engine, resume_from, with_optimizer=True)
+        start = ds_engine.read_meta(resume_from)["step"]
+    sampler = make_sampler(cfg, ts)
+    dev = ds_engine.device()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log = MetricsLog(out_dir / "metrics.jsonl", start if resume_from is not None else None)
+        n_total, n_active = sum(p.numel() for p in model.parameters()), active_params(model)
+        print(
+            f"pathways-mm: {cfg.name}: {len(ts.tasks)} tasks ({', '.join(ts.table)}), "
+            f"{n_total / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), {world} process(es), "
+            f"steps {start}->{cfg.train.steps}, mixture {dict(zip(ts.table, sampler.probs.round(3).tolist()))}",
+            file=sys.stderr,
+        )
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    window: list[float] = []
+    task_nll = torch.zeros(len(ts.tasks), dtype=torch.float64)
+    task_tok = torch.zeros(len(ts.tasks), dtype=torch.float64)
+    last_eval: dict[str, Any] = {}
+    t0 = time.time()
+    engine.train()
+    for step in range(start, cfg.train.steps):
+        for micro in range(cfg.train.grad_accum):
+            batch = train_batch(cfg, ts, sampler, tok, step, micro, rank).to(dev)
+            out = forward_loss(engine, batch)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"loss is {out.loss.item()} at step {step} on rank {rank}")
+            engine.backward(out.loss)
+            engine.step()
+            window.append(out.lm_loss.item())
+            task_nll.index_add_(0, batch.task_ids.cpu(), out.nll_B.double().cpu())
+            task_tok.index_add_(0, batch.task_ids.cpu(), out.num_tokens_B.double().cpu())
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            stats = torch.tensor([sum(window), len(window), *task_nll.tolist(), *task_tok.tolist()], dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss = (stats[0] / stats[1]).item()
+            n = len(ts.tasks)
+            per_task = {t: round((stats[2 + i] / stats[2 + n + i]).item(), 4) for t, i in ts.table.items() if stats[2 + n + i] > 0}
+            window.clear()
+            task_nll.zero_()
+            task_tok.zero_()
+            if rank == 0:
+                lr = engine.get_lr()[0]
+                log.write({"step": done, "loss": loss, "task_loss": per_task, "lr": lr, "elapsed_s": round(time.time() - t0, 2)})
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps:
+            ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+            last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world)
+            engine.train()
+            if rank == 0:
+                log.write({"step": done, "eval": last_eval})
+        bar.update(1)
+    bar.close()
+    final = ckpt_dir / ds_engine.tag_for(cfg.train.steps)
+    if start < cfg.train.steps or not final.exists():
+        final = ds_engine.save_checkpoint(
+            engine, ckpt_dir, cfg.train.steps, checkpoint_meta(cfg, ts, tok, cfg.train.steps), cfg.train.keep_checkpoints
+        )
+    last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world)
+    summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval, "train_s": round(time.time() - t0, 1)}
+    if rank == 0:
+        log.write({"step": cfg.train.steps, "eval": last_eval})
+        print(format_table(last_eval), file=sys.stderr)
+        print(
+            f"pathways-mm: done in {summary['train_s']}s; checkpoint {final}; metrics {out_dir / 'metrics.jsonl'}",
+            file=sys.stderr,
+        )
+    return summary
+
+
+def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer) -> None:
+    """A checkpoint must match the model shape, the task table and the tokenizer of this run."""
+    if meta.get("tokenizer_hash") != tok.hash:
+        raise ConfigError(
+            f"checkpoint tokenizer {meta.get('tokenizer_hash')} differs from this install's {tok.hash}; "
+            "evaluate or resume with the tokenizer it was trained with"
+        )
+    old = meta["config"]["model"]
+    new = to_dict(cfg.model)
+    diff = [k for k in new if k != "moe" and old.get(k) != new[k]]
+    if diff:
+        raise ConfigError(f"checkpoint model differs from the config in {', '.join(f'model.{k}' for k in diff)}")
+    table = {name: i for i, name in enumerate(cfg.tasks)}
+    if meta["task_table"] != table:
+        raise ConfigError(f"checkpoint task table {meta['task_table']} differs from the config's {table}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m pathways_mm.train` (what the deepspeed launcher runs)."""
+    from pathways_mm.cli import run_guarded
+
+    p = argparse.ArgumentParser(prog="pathways_mm.train", description="multi-task training (launcher entry point)")
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    return run_guarded(lambda: run(load_config(args.config, args.overrides), resume=args.resume))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The Task API: what a task is and the example it hands to the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+MODALITIES = ("text", "image", "audio")
+METRICS = ("bits_per_byte", "exact_match", "char_error_rate", "loss")
+
+
+@dataclass(frozen=True)
+class MultimodalExample:
+    """One input/answer pair: modality segments (in order) before the answer text.
+
+    `segments` holds `(modality, raw)` pairs; for `"text"` the raw value is the prompt string.
+    """
+
+    task: str
+    segments: tuple[tuple[str, Any], ...]
+    target_text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 8
+    # Evaluation compares generated text with the target after `str.strip()`.
+
+
+class Task:
+    """A task spec. Subclass, fill the class attributes and the two methods, decorate with
+    `@register_task`.
+
+    Required: `name`, `modalities` (subset of MODALITIES), `metrics` (subset of METRICS),
+    `build_dataset(split, root, seed) -> list of samples` (offline, deterministic, JSON-able
+    samples) and `encode(sample) -> MultimodalExample`.
+    """
+
+    name: ClassVar[str]
+    modalities: ClassVar[tuple[str, ...]]
+    metrics: ClassVar[tuple[str, ...]]
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    generation: ClassVar[GenerationConfig] = GenerationConfig()
+    description: ClassVar[str] = ""
+
+    def build_dataset(self, split: str, root: Path, seed: int) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def encode(self, sample: Any) -> MultimodalExample:
+        raise NotImplementedError
+
+    def chance(self, metric: str, train: Sequence[Any], test: Sequence[Any]) -> float | None:
+        """The metric a guesser reaches without looking at the input (None where undefined)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} {'+'.join(self.modalities)}>"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A registered task and where it came from (builtin module, entry point or plugin)."""
+
+    name: str
+    cls: type[Task]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.cls.modalities)
