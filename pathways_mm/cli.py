@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     def go() -> None:
         cfg = load_config(args.config, args.overrides)
         setup_single_process_env()
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, stop_after=args.stop_after)
 
     return run_guarded(go)
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    t.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="save a checkpoint and stop at this step (e.g. to fit a job's time limit); continue with --resume")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: per-task table and a JSON report")

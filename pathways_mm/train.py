@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -99,8 +98,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
-    """Train `cfg` to `train.steps`; returns the final summary (evaluation included)."""
+def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary."""
     import torch.distributed as dist
 
     from pathways_mm.evaluate import evaluate, format_table
@@ -138,9 +137,9 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
             file=sys.stderr,
         )
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-    window: list[float] = []
-    task_nll = torch.zeros(len(ts.tasks), dtype=torch.float64)
-    task_tok = torch.zeros(len(ts.tasks), dtype=torch.float64)
+    window = torch.zeros(2, dtype=torch.float64, device=dev)  # summed loss, micro-steps (no host sync per step)
+    task_nll = torch.zeros(len(ts.tasks), dtype=torch.float64, device=dev)
+    task_tok = torch.zeros(len(ts.tasks), dtype=torch.float64, device=dev)
     last_eval: dict[str, Any] = {}
     t0 = time.time()
     engine.train()
@@ -148,21 +147,22 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         for micro in range(cfg.train.grad_accum):
             batch = train_batch(cfg, ts, sampler, tok, step, micro, rank).to(dev)
             out = forward_loss(engine, batch)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"loss is {out.loss.item()} at step {step} on rank {rank}")
             engine.backward(out.loss)
             engine.step()
-            window.append(out.lm_loss.item())
-            task_nll.index_add_(0, batch.task_ids.cpu(), out.nll_B.double().cpu())
-            task_tok.index_add_(0, batch.task_ids.cpu(), out.num_tokens_B.double().cpu())
+            window += torch.stack([out.lm_loss.detach().double(), window.new_ones(())])
+            task_nll.index_add_(0, batch.task_ids, out.nll_B.double())
+            task_tok.index_add_(0, batch.task_ids, out.num_tokens_B.double())
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            stats = torch.tensor([sum(window), len(window), *task_nll.tolist(), *task_tok.tolist()], dtype=torch.float64)
+            stats = torch.cat([window, task_nll, task_tok])
             dist.all_reduce(stats)
+            stats = stats.cpu()
+            if not torch.isfinite(stats[0]):
+                raise FloatingPointError(f"training loss is {stats[0].item()} at step {done}; lower train.lr or check the data")
             loss = (stats[0] / stats[1]).item()
             n = len(ts.tasks)
             per_task = {t: round((stats[2 + i] / stats[2 + n + i]).item(), 4) for t, i in ts.table.items() if stats[2 + n + i] > 0}
-            window.clear()
+            window.zero_()
             task_nll.zero_()
             task_tok.zero_()
             if rank == 0:
@@ -177,7 +177,14 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
             if rank == 0:
                 log.write({"step": done, "eval": last_eval})
         bar.update(1)
+        if stop_after is not None and done >= stop_after and done < cfg.train.steps:
+            bar.close()
+            path = ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
+            if rank == 0:
+                print(f"pathways-mm: stopped after step {done}; checkpoint {path}; continue with --resume", file=sys.stderr)
+            return {"step": done, "checkpoint": str(path), "stopped": True}
     bar.close()
+    in_sync = weights_in_sync(engine, world)
     final = ckpt_dir / ds_engine.tag_for(cfg.train.steps)
     if start < cfg.train.steps or not final.exists():
         final = ds_engine.save_checkpoint(
@@ -185,14 +192,28 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         )
     last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world)
     summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval, "train_s": round(time.time() - t0, 1)}
+    summary["weights_in_sync"] = in_sync
     if rank == 0:
-        log.write({"step": cfg.train.steps, "eval": last_eval})
+        log.write({"step": cfg.train.steps, "eval": last_eval, "weights_in_sync": in_sync})
         print(format_table(last_eval), file=sys.stderr)
         print(
             f"pathways-mm: done in {summary['train_s']}s; checkpoint {final}; metrics {out_dir / 'metrics.jsonl'}",
             file=sys.stderr,
         )
     return summary
+
+
+def weights_in_sync(engine, world: int) -> bool | None:
+    """Data-parallel replicas must hold the same non-expert weights: compare checksums across ranks."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return None
+    sums = [p.detach().double().sum() for p in engine.module.parameters() if getattr(p, "allreduce", True)]
+    local = torch.stack(sums).cpu()
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local.to(ds_engine.device()) if torch.cuda.is_available() else local)
+    return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
 
 
 def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer) -> None:
@@ -220,9 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    return run_guarded(lambda: run(load_config(args.config, args.overrides), resume=args.resume))
+    return run_guarded(lambda: run(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after))
 
 
 if __name__ == "__main__":
