@@ -18,8 +18,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# --resume makes a second `make demo` reuse the finished run instead of training again.
 demo: $(STAMP)
-	$(PMM) train $(DEMO) --set train.out_dir=runs/demo
+	$(PMM) train $(DEMO) --set train.out_dir=runs/demo --resume
 	$(PMM) eval runs/demo --out runs/demo/eval.json
 
 test: $(STAMP)

@@ -30,24 +30,26 @@ def run_guarded(fn: Callable[[], Any]) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pathways_mm.config import load_config
-    from pathways_mm.engine import setup_single_process_env
+    from pathways_mm.engine import setup_single_process_env, shutdown
     from pathways_mm.train import run
 
     def go() -> None:
         cfg = load_config(args.config, args.overrides)
         setup_single_process_env()
         run(cfg, resume=args.resume, stop_after=args.stop_after)
+        shutdown()
 
     return run_guarded(go)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathways_mm.engine import setup_single_process_env
+    from pathways_mm.engine import setup_single_process_env, shutdown
     from pathways_mm.evaluate import run_eval
 
     def go() -> None:
         setup_single_process_env()
         run_eval(args.checkpoint, split=args.split, max_samples=args.max_samples, out=args.out, overrides=args.overrides)
+        shutdown()
 
     return run_guarded(go)
 

@@ -26,9 +26,10 @@ class MoEConfig:
 
     num_experts: int = 0
     top_k: int = 2
+    expert_d_ff: int | None = None  # hidden size of each expert; null = model.d_ff
     moe_every: int = 2
     capacity_factor: float | None = None  # null = dropless
-    eval_capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None  # null = same as capacity_factor
     impl: str = "grouped"  # "grouped" (dropless, grouped GEMM) or "deepspeed"
     ep_size: int = 1
     balance_coef: float = 0.01
@@ -95,6 +96,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.01
+    # "example": every sample weighs the same, whatever its target length, so the mixture alone
+    # sets a task's weight (a 3-token answer is not drowned by 90-token LM chunks); "token": T5-style.
+    loss_norm: str = "example"
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
@@ -304,6 +308,8 @@ def validate(cfg: ExperimentConfig) -> None:
         if name not in cfg.tasks:
             raise ConfigError(f"mixture.weights.{name}: not one of the configured tasks {list(cfg.tasks)}")
     t = cfg.train
+    if t.loss_norm not in ("example", "token"):
+        raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example' or 'token'")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
@@ -321,6 +327,8 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(
                 f"model.moe.num_experts ({e.num_experts}) must be divisible by model.moe.ep_size ({e.ep_size})"
             )
+        if e.expert_d_ff is not None and e.expert_d_ff < 1:
+            raise ConfigError("model.moe.expert_d_ff must be >= 1 (or null for model.d_ff)")
         if e.moe_every < 1:
             raise ConfigError("model.moe.moe_every must be >= 1")
 

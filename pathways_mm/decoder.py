@@ -142,7 +142,7 @@ class Decoder(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or "pathway" in name:  # pathway priors start at 0: no task prefers an expert yet
                 continue
             # Output projections scaled by depth (GPT-2): the residual stream's variance stays flat.
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0

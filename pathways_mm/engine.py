@@ -38,8 +38,20 @@ def setup_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def pin_accelerator() -> None:
+    """Name DeepSpeed's accelerator before it is imported.
+
+    Left to detect it, DeepSpeed builds its shared-memory op with other flags than when
+    DS_ACCELERATOR=cpu is set, and the two builds evict each other from the one extension
+    cache: every switch costs a 30-50 s recompile.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed(threads: int = 0) -> tuple[int, int]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world)."""
+    pin_accelerator()
     import deepspeed
     import torch.distributed as dist
 
@@ -56,6 +68,16 @@ def init_distributed(threads: int = 0) -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Leave the process group together: a rank that exits while a peer still talks to it can
+    abort in the communication threads' destructors ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def device() -> torch.device:
@@ -123,12 +145,17 @@ def lr_lambda(cfg: ExperimentConfig):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay on matrices only; MoE expert parameters in their own groups (DeepSpeed requires it)."""
+    """Decay on weight matrices only; MoE expert parameters in their own groups (DeepSpeed requires it).
+
+    Embeddings, norms and router parameters are not decayed: decay would pull the pathway
+    priors back to zero, erasing what each task learned about where to route.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        routing = "pathway" in name or ".gate." in name
+        (decay if p.dim() >= 2 and "embed" not in name and not routing else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},

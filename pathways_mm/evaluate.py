@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -150,6 +151,7 @@ def eval_ds_config(meta_cfg: ExperimentConfig) -> dict[str, Any]:
 def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None, out: str | None = None,
              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Load a checkpoint (any process count), evaluate its tasks, print a table and write JSON."""
+    ds_engine.pin_accelerator()
     import deepspeed
 
     from pathways_mm.config import merge_dicts, parse_overrides
@@ -159,6 +161,10 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
     meta = ds_engine.read_meta(tag_dir)
     cfg = config_from_dict(merge_dicts(meta["config"], parse_overrides(list(overrides))), source=meta["config"].get("source"))
     rank, world = ds_engine.init_distributed(cfg.train.threads)
+    moe = cfg.model.moe
+    if moe.num_experts and (moe.ep_size > world or world % moe.ep_size):
+        # Experts are stored one file each, so any ep_size that fits this run can load them.
+        cfg = cfg.replace(model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, ep_size=1)))
     tok = load_tokenizer()
     check_compatible(meta, cfg, tok)
     ensure_loaded(cfg.plugins)

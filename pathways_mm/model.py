@@ -15,13 +15,12 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> Decoder:
     return Decoder(cfg, vocab_size, ffn_factory=dense_ffn)
 
 
-def active_params(model: Decoder) -> int:
-    """Parameters a token touches: everything except the experts it is not routed to."""
-    total = sum(p.numel() for p in model.parameters())
+def param_counts(model: Decoder) -> tuple[int, int]:
+    """(total, active) parameters over all ranks: a token touches top_k of each layer's experts."""
+    total = active = sum(p.numel() for p in model.parameters())
     for m in model.modules():
-        num_experts = getattr(m, "num_experts", None)
-        top_k = getattr(getattr(m, "moe_cfg", None), "top_k", None)
-        if num_experts and top_k and hasattr(m, "expert_params"):
-            expert_total = sum(p.numel() for p in m.expert_params())
-            total -= expert_total - expert_total * top_k // num_experts
-    return total
+        if hasattr(m, "expert_params") and hasattr(m, "num_local_experts"):
+            per_expert = sum(p.numel() for p in m.expert_params()) // m.num_local_experts
+            total += per_expert * (m.num_experts - m.num_local_experts)  # experts held by other ranks
+            active -= per_expert * (m.num_local_experts - m.top_k)
+    return total, active

@@ -24,7 +24,7 @@ from pathways_mm.data import Batch, MixtureSampler, collate, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.losses import forward_loss
-from pathways_mm.model import active_params, build_model
+from pathways_mm.model import build_model, param_counts
 from pathways_mm.tasks import Task, ensure_loaded, get_task
 
 
@@ -115,7 +115,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
             print(f"pathways-mm: no checkpoint under {ckpt_dir}; starting from step 0", file=sys.stderr)
     tok = load_tokenizer()
     if resume_from is not None:
-        check_compatible(ds_engine.read_meta(resume_from), cfg, tok)
+        check_compatible(ds_engine.read_meta(resume_from), cfg, tok, resume=True)
     ts = load_tasks(cfg, rank)
     model = build_model(cfg.model, tok.vocab_size)
     engine = ds_engine.initialize(model, cfg, world)
@@ -129,7 +129,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log = MetricsLog(out_dir / "metrics.jsonl", start if resume_from is not None else None)
-        n_total, n_active = sum(p.numel() for p in model.parameters()), active_params(model)
+        n_total, n_active = param_counts(model)
         print(
             f"pathways-mm: {cfg.name}: {len(ts.tasks)} tasks ({', '.join(ts.table)}), "
             f"{n_total / 1e6:.2f}M params ({n_active / 1e6:.2f}M active), {world} process(es), "
@@ -146,7 +146,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
     for step in range(start, cfg.train.steps):
         for micro in range(cfg.train.grad_accum):
             batch = train_batch(cfg, ts, sampler, tok, step, micro, rank).to(dev)
-            out = forward_loss(engine, batch)
+            out = forward_loss(engine, batch, cfg.train.loss_norm)
             engine.backward(out.loss)
             engine.step()
             window += torch.stack([out.lm_loss.detach().double(), window.new_ones(())])
@@ -216,18 +216,26 @@ def weights_in_sync(engine, world: int) -> bool | None:
     return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
 
 
-def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer) -> None:
-    """A checkpoint must match the model shape, the task table and the tokenizer of this run."""
+def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer, resume: bool = False) -> None:
+    """A checkpoint must match the model shape, the task table and the tokenizer of this run.
+
+    Runtime choices of the MoE layers (impl, capacity, ep_size) may differ, since the weights
+    are stored per expert; only a resume needs the same ep_size (the optimizer state is split
+    by expert-parallel rank).
+    """
     if meta.get("tokenizer_hash") != tok.hash:
         raise ConfigError(
             f"checkpoint tokenizer {meta.get('tokenizer_hash')} differs from this install's {tok.hash}; "
             "evaluate or resume with the tokenizer it was trained with"
         )
-    old = meta["config"]["model"]
-    new = to_dict(cfg.model)
-    diff = [k for k in new if k != "moe" and old.get(k) != new[k]]
+    old, new = meta["config"]["model"], to_dict(cfg.model)
+    runtime = {"impl", "capacity_factor", "eval_capacity_factor", "ep_size", "debug_route_to", "router_jitter"}
+    diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
+    diff += [f"model.moe.{k}" for k in new["moe"] if k not in runtime and old.get("moe", {}).get(k) != new["moe"][k]]
+    if resume and old.get("moe", {}).get("ep_size") != new["moe"]["ep_size"]:
+        diff.append("model.moe.ep_size")
     if diff:
-        raise ConfigError(f"checkpoint model differs from the config in {', '.join(f'model.{k}' for k in diff)}")
+        raise ConfigError(f"checkpoint model differs from the config in {', '.join(diff)}")
     table = {name: i for i, name in enumerate(cfg.tasks)}
     if meta["task_table"] != table:
         raise ConfigError(f"checkpoint task table {meta['task_table']} differs from the config's {table}")
@@ -244,7 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP", help="save and stop at this step")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    return run_guarded(lambda: run(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after))
+
+    def go() -> None:
+        run(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
+        ds_engine.shutdown()  # not on failure: a barrier there could wait for a rank that died
+
+    return run_guarded(go)
 
 
 if __name__ == "__main__":

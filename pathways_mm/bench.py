@@ -1,0 +1,165 @@
+"""`pathways-mm bench moe`: one MoE FFN layer, forward+backward, against a FLOP-matched dense SwiGLU.
+
+Rows: dense SwiGLU (hidden = top_k * d_ff), PathwaysMoE impl=grouped (dropless, grouped GEMM),
+PathwaysMoE impl=deepspeed (capacity buffers), and DeepSpeed's stock `MoE` layer for reference.
+Ratio = dense ms / row ms (1.00 = as fast as dense, as in shared/GPU.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, NamedTuple
+
+import torch
+
+CONFIGS = {
+    # name: (d_model, d_ff per expert, experts, top_k, tokens, dtype)
+    "cpu": (256, 512, 8, 2, 2048, "float32"),
+    "h200-a": (1024, 4096, 8, 2, 16384, "bfloat16"),
+    "h200-b": (2048, 5632, 16, 2, 16384, "bfloat16"),
+    "h200-c": (2048, 1408, 64, 6, 16384, "bfloat16"),
+}
+
+
+class Row(NamedTuple):
+    name: str
+    ms: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(steps: list[Callable[[], None]], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Median milliseconds of each step; iterations go round-robin so load on the host hits every row alike."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(iters):
+        for step, ts in zip(steps, times):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
+
+
+def _fwd_bwd(layer: torch.nn.Module, call: Callable, x_BLD: torch.Tensor, grad_BLD: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        layer.zero_grad(set_to_none=True)
+        x = x_BLD.detach().requires_grad_()
+        call(layer, x).backward(grad_BLD)
+
+    return step
+
+
+def _layers(d_model, d_ff, num_experts, top_k, capacity):
+    from deepspeed.moe.layer import MoE
+
+    from pathways_mm.decoder import SwiGLU
+    from pathways_mm.routing import PathwaysMoE
+
+    def ours(impl):
+        return PathwaysMoE(d_model, d_ff, num_experts, 1, top_k, impl=impl,
+                           capacity_factor=capacity if impl == "deepspeed" else None)  # fmt: skip
+
+    task = {}  # every token belongs to task 0; built lazily for the input's shape and device
+
+    def moe_call(layer, x):
+        t = task.setdefault(x.shape, torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
+        out = layer(x, t)
+        return out.out + out.aux_loss
+
+    def stock_call(layer, x):
+        out, l_aux, _ = layer(x)
+        return out + l_aux
+
+    stock = MoE(d_model, SwiGLU(d_model, d_ff), num_experts=num_experts, k=top_k,
+                capacity_factor=capacity, eval_capacity_factor=capacity, top2_2nd_expert_sampling=False)  # fmt: skip
+    stock.deepspeed_moe.experts.forward = _stock_experts(stock.deepspeed_moe.experts)
+    return [
+        (f"dense SwiGLU (hidden {top_k}x{d_ff})", SwiGLU(d_model, top_k * d_ff), lambda l, x: l(x).out),
+        ("PathwaysMoE grouped (dropless)", ours("grouped"), moe_call),
+        (f"PathwaysMoE deepspeed (cap {capacity})", ours("deepspeed"), moe_call),
+        (f"DeepSpeed MoE stock (cap {capacity})", stock, stock_call),
+    ]
+
+
+def _stock_experts(experts):
+    """DeepSpeed's Experts with our SwiGLU (which returns FFNOutput): keep the tensor only."""
+
+    def forward(inputs):
+        chunks = inputs.chunk(experts.num_local_experts, dim=1)
+        return torch.cat([e(c).out for c, e in zip(chunks, experts.deepspeed_experts)], dim=1)
+
+    return forward
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    d_model, d_ff, num_experts, top_k, tokens, dtype = CONFIGS[args.config]
+    tokens = args.tokens or tokens
+    dtype = getattr(torch, args.dtype or dtype)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x_BLD = torch.randn(1, tokens, d_model, device=device, dtype=dtype)
+    grad_BLD = torch.randn_like(x_BLD)
+    names, steps = [], []
+    for name, layer, call in _layers(d_model, d_ff, num_experts, top_k, args.capacity):
+        if "stock" in name and top_k > 2 and not args.stock_topk:
+            continue  # DeepSpeed's top-k gate (k > 2) builds dense [tokens, experts, capacity] masks
+        names.append(name)
+        steps.append(_fwd_bwd(layer.to(device=device, dtype=dtype), call, x_BLD, grad_BLD))
+    rows = [Row(n, ms) for n, ms in zip(names, _time(steps, device, args.warmup, args.iters))]
+    flops = 18 * tokens * d_model * top_k * d_ff  # 3 matmuls x (2 fwd + 4 bwd) FLOPs per multiply-add
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench moe --config {args.config}: d_model={d_model} d_ff={d_ff} experts={num_experts} top_k={top_k} "
+          f"tokens={tokens} {str(dtype).replace('torch.', '')} on {dev}; median of {args.iters}, fwd+bwd")  # fmt: skip
+    print(f"{'layer':<38} {'ms':>9} {'tokens/s':>12} {'TFLOP/s':>8} {'vs dense':>8}")
+    for r in rows:
+        print(f"{r.name:<38} {r.ms:9.2f} {tokens / r.ms * 1e3:12,.0f} {flops / r.ms / 1e9:8.2f} {rows[0].ms / r.ms:8.2f}")
+    return rows
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu", help="layer sizes (GPU ones from shared/GPU.md)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per step (default: the config's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--capacity", type=float, default=1.25, help="capacity factor of the capacity-based rows")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--stock-topk", action="store_true", help="also time DeepSpeed's stock gate for top_k > 2")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench moe` to the CLI's subparsers; the chosen command is in `args.func`."""
+    bench = subparsers.add_parser("bench", help="micro-benchmarks")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    moe = kinds.add_parser("moe", help="one MoE FFN layer vs a FLOP-matched dense FFN")
+    _add_args(moe)
+    moe.set_defaults(func=_cli_run)
+    return bench
+
+
+def _cli_run(args: argparse.Namespace) -> int:
+    run(args)
+    return 0  # the CLI's exit status
+
+
+def bench_moe(argv: list[str] | None = None) -> list[Row]:
+    """`pathways-mm bench moe [options]` without the CLI around it."""
+    p = argparse.ArgumentParser(prog="pathways-mm bench moe", description=__doc__.splitlines()[0])
+    _add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    bench_moe()

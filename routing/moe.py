@@ -1,0 +1,170 @@
+"""PathwaysMoE: a DeepSpeed-MoE layer whose tokens follow learned per-task pathways."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from pathways_mm.config import ModelConfig
+from pathways_mm.decoder import FFNOutput, SwiGLU
+from pathways_mm.routing.dispatch import CapacityDispatch, DroplessDispatch
+from pathways_mm.routing.experts import GroupedExperts
+from pathways_mm.routing.router import RouterOutput, TaskRouter
+
+IMPLS = ("grouped", "deepspeed")
+
+
+class MoEOutput(NamedTuple):
+    out: torch.Tensor  # [B, L, D]
+    aux_loss: torch.Tensor  # balance_coef * balance + z_loss_coef * z
+    route: RouterOutput
+    num_dropped: torch.Tensor  # scalar, routes over capacity (always 0 on the dropless path)
+
+
+class _MoEParts(nn.Module):
+    """Router + local experts under DeepSpeed's attribute names (`deepspeed_moe.gate/experts`)."""
+
+    def __init__(self, gate: TaskRouter, experts: GroupedExperts):
+        super().__init__()
+        self.gate, self.experts = gate, experts
+        self.ep_group = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        """Called by DeepSpeed's MoE.set_deepspeed_parallelism once the engine made the groups."""
+        self.ep_group = ep_group
+
+
+class PathwaysMoE(MoE):
+    """Sparse SwiGLU FFN: route (TaskRouter) -> dispatch -> compute (local experts) -> combine.
+
+    impl "grouped": dropless, sorted tokens, uneven all-to-all, grouped GEMM.
+    impl "deepspeed": DeepSpeed's capacity buffers and all-to-all; capacity_factor None = dropless.
+    Expert parameters carry DeepSpeed's allreduce=False/group_name tags; the state dict uses
+    DeepSpeed's per-expert keys, so checkpoints move between impls and ep_size.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        max_tasks: int,
+        top_k: int = 2,
+        *,
+        ep_size: int = 1,
+        impl: str = "grouped",
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        router_jitter: float = 0.0,
+        debug_route_to: int | None = None,
+        use_grouped_mm: bool | None = None,
+    ):
+        # MoE.__init__ is skipped on purpose: it builds DeepSpeed's TopKGate and deep-copied Experts,
+        # which this layer replaces. The attributes DeepSpeed's engine reads are set here instead.
+        nn.Module.__init__(self)
+        if num_experts < 1 or ep_size < 1 or num_experts % ep_size:
+            raise ValueError(
+                f"num_experts ({num_experts}) must be a positive multiple of ep_size ({ep_size}); "
+                "change moe.num_experts or moe.ep_size"
+            )
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({num_experts}); change moe.top_k")
+        if impl not in IMPLS:
+            raise ValueError(f"impl {impl!r} is not one of {IMPLS}; change moe.impl")
+        self.impl, self.ep_size, self.num_experts, self.top_k = impl, ep_size, num_experts, top_k
+        self.num_local_experts = num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.use_residual, self.enable_expert_tensor_parallelism = False, False
+        self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
+        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, jitter=router_jitter, debug_route_to=debug_route_to)
+        experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name, use_grouped_mm)
+        self.deepspeed_moe = _MoEParts(gate, experts)
+        if impl == "grouped":
+            self.dispatcher = DroplessDispatch(num_experts, ep_size)
+        else:
+            self.dispatcher = CapacityDispatch(num_experts, ep_size, capacity_factor, eval_capacity_factor, min_capacity)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "PathwaysMoE":
+        m = cfg.moe
+        return cls(
+            cfg.d_model, m.expert_d_ff or cfg.d_ff, m.num_experts, cfg.max_tasks, m.top_k,
+            ep_size=m.ep_size, impl=m.impl, capacity_factor=m.capacity_factor,
+            eval_capacity_factor=m.eval_capacity_factor, balance_coef=m.balance_coef,
+            z_loss_coef=m.z_loss_coef, router_jitter=m.router_jitter, debug_route_to=m.debug_route_to,
+        )  # fmt: skip
+
+    @property
+    def router(self) -> TaskRouter:
+        return self.deepspeed_moe.gate
+
+    @property
+    def experts(self) -> GroupedExperts:
+        return self.deepspeed_moe.experts
+
+    def expert_params(self) -> list[nn.Parameter]:
+        """This rank's expert weights (num_local_experts of the num_experts)."""
+        return list(self.experts.parameters())
+
+    def _group(self):
+        """The expert-parallel group; made here when the layer runs outside DeepSpeed's engine."""
+        if self.ep_size == 1:
+            return None
+        if self.deepspeed_moe.ep_group is None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    f"ep_size={self.ep_size} needs {self.ep_size} processes: launch with `deepspeed` and "
+                    "wrap the model with deepspeed.initialize, or set moe.ep_size: 1"
+                )
+            import deepspeed
+
+            deepspeed.init_distributed()  # adopts the existing process group
+            self.set_deepspeed_parallelism()
+        return self.deepspeed_moe.ep_group
+
+    def route(self, x_TD: torch.Tensor, task_T: torch.Tensor) -> RouterOutput:
+        return self.router(x_TD, task_T)
+
+    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput):
+        if self.impl == "grouped":
+            return self.dispatcher.dispatch(x_TD, route, self._group())
+        return self.dispatcher.dispatch(x_TD, route, self._group(), self.training)
+
+    def compute(self, x_local: torch.Tensor, plan) -> torch.Tensor:
+        if self.impl == "grouped":
+            return self.experts.grouped(x_local, plan.counts_E)
+        return self.experts.batched(x_local)
+
+    def combine(self, y_local: torch.Tensor, plan, route: RouterOutput) -> torch.Tensor:
+        return self.dispatcher.combine(y_local, plan, route, self._group())
+
+    def moe_forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor) -> MoEOutput:
+        """The forward with routing results and dropped-route count, for telemetry."""
+        x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
+        route = self.route(x_TD, task_ids_BL.reshape(-1))
+        x_local, plan = self.dispatch(x_TD, route)
+        y_local = self.compute(x_local, plan)
+        out_TD = self.combine(y_local, plan, route)
+        aux = self.balance_coef * route.balance_loss + self.z_loss_coef * route.z_loss
+        dropped = getattr(plan, "num_dropped", None)
+        dropped = route.z_loss.new_zeros((), dtype=torch.long) if dropped is None else dropped
+        return MoEOutput(out_TD.view_as(x_BLD), aux, route, dropped)
+
+    def forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor) -> FFNOutput:  # type: ignore[override]
+        out = self.moe_forward(x_BLD, task_ids_BL)
+        return FFNOutput(out.out, out.aux_loss)
+
+
+def build_moe_ffn(layer: int, cfg: ModelConfig) -> nn.Module:
+    """The FFN of decoder block `layer`: PathwaysMoE on every moe_every-th block, else dense SwiGLU."""
+    m = cfg.moe
+    if m.num_experts > 0 and (layer + 1) % m.moe_every == 0:
+        return PathwaysMoE.from_config(cfg)
+    return SwiGLU(cfg.d_model, cfg.d_ff)
