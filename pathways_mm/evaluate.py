@@ -18,7 +18,6 @@ from pathways_mm import engine as ds_engine
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
 from pathways_mm.data import Batch, collate, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
-from pathways_mm.errors import ConfigError
 from pathways_mm.losses import forward_loss
 from pathways_mm.model import build_model
 from pathways_mm.tasks import Task, ensure_loaded, get_task
