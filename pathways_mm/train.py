@@ -140,7 +140,6 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
     window = torch.zeros(2, dtype=torch.float64, device=dev)  # summed loss, micro-steps (no host sync per step)
     task_nll = torch.zeros(len(ts.tasks), dtype=torch.float64, device=dev)
     task_tok = torch.zeros(len(ts.tasks), dtype=torch.float64, device=dev)
-    last_eval: dict[str, Any] = {}
     t0 = time.time()
     engine.train()
     for step in range(start, cfg.train.steps):
@@ -169,7 +168,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
                 lr = engine.get_lr()[0]
                 log.write({"step": done, "loss": loss, "task_loss": per_task, "lr": lr, "elapsed_s": round(time.time() - t0, 2)})
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps:
+        stopping = stop_after is not None and stop_after <= done < cfg.train.steps
+        if (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps) or stopping:
             ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
             last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world)
@@ -177,9 +177,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
             if rank == 0:
                 log.write({"step": done, "eval": last_eval})
         bar.update(1)
-        if stop_after is not None and done >= stop_after and done < cfg.train.steps:
+        if stopping:
             bar.close()
-            path = ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
+            path = ckpt_dir / ds_engine.tag_for(done)
             if rank == 0:
                 print(f"pathways-mm: stopped after step {done}; checkpoint {path}; continue with --resume", file=sys.stderr)
             return {"step": done, "checkpoint": str(path), "stopped": True}
@@ -210,9 +210,9 @@ def weights_in_sync(engine, world: int) -> bool | None:
     if world == 1:
         return None
     sums = [p.detach().double().sum() for p in engine.module.parameters() if getattr(p, "allreduce", True)]
-    local = torch.stack(sums).cpu()
+    local = torch.stack(sums)  # on the device: nccl gathers only device tensors
     gathered = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local.to(ds_engine.device()) if torch.cuda.is_available() else local)
+    dist.all_gather(gathered, local)
     return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
 
 
