@@ -101,8 +101,12 @@ def _metrics(task: Task, rows: list[tuple]) -> dict[str, float]:
 
 
 def evaluate(model, cfg: ExperimentConfig, tasks: Sequence[Task], tok: TextTokenizer, rank: int = 0, world: int = 1,
-             split: str | None = None, max_samples: int | None = None) -> dict[str, Any]:
-    """Metrics per task (and chance levels) on `split`; every rank must call it."""
+             split: str | None = None, max_samples: int | None = None,
+             train_sets: Sequence[Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Metrics per task (and chance levels) on `split`; every rank must call it.
+
+    `train_sets` (one per task) feed the chance levels; read from the cache when not given.
+    """
     import torch.distributed as dist
 
     split = split or cfg.eval.split
@@ -113,7 +117,7 @@ def evaluate(model, cfg: ExperimentConfig, tasks: Sequence[Task], tok: TextToken
     results: dict[str, Any] = {}
     for tid, task in enumerate(tasks):
         samples = load_split(task, split, root, cfg.data.seed)
-        train = load_split(task, "train", root, cfg.data.seed)
+        train = train_sets[tid] if train_sets is not None else load_split(task, "train", root, cfg.data.seed)
         samples = samples[:limit] if limit else samples
         with torch.no_grad():
             rows = _task_results(model, task, tid, samples, cfg, tok, rank, world)

@@ -108,21 +108,22 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    resume_from = None
+    resume_from, resume_meta = None, None
     if resume:
         resume_from = ds_engine.resolve_checkpoint(out_dir) if ckpt_dir.exists() else None
         if resume_from is None and rank == 0:
             print(f"pathways-mm: no checkpoint under {ckpt_dir}; starting from step 0", file=sys.stderr)
     tok = load_tokenizer()
     if resume_from is not None:
-        check_compatible(ds_engine.read_meta(resume_from), cfg, tok, resume=True)
+        resume_meta = ds_engine.read_meta(resume_from)
+        check_compatible(resume_meta, cfg, tok, resume=True)
     ts = load_tasks(cfg, rank)
     model = build_model(cfg.model, tok.vocab_size)
     engine = ds_engine.initialize(model, cfg, world)
     start = 0
     if resume_from is not None:
         ds_engine.load_checkpoint(engine, resume_from, with_optimizer=True)
-        start = ds_engine.read_meta(resume_from)["step"]
+        start = resume_meta["step"]
     sampler = make_sampler(cfg, ts)
     dev = ds_engine.device()
     if rank == 0:
@@ -172,7 +173,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
         if (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps) or stopping:
             ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-            last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world)
+            last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world, train_sets=ts.train)
             engine.train()
             if rank == 0:
                 log.write({"step": done, "eval": last_eval})
@@ -190,7 +191,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
         final = ds_engine.save_checkpoint(
             engine, ckpt_dir, cfg.train.steps, checkpoint_meta(cfg, ts, tok, cfg.train.steps), cfg.train.keep_checkpoints
         )
-    last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world)
+    last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world, train_sets=ts.train)
     summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval, "train_s": round(time.time() - t0, 1)}
     summary["weights_in_sync"] = in_sync
     if rank == 0:
