@@ -63,7 +63,7 @@ def _shard(items: list[Any], rank: int, world: int) -> list[Any]:
 
 
 def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: TextTokenizer, rank: int, world: int):
-    """Per-sample raw numbers for this rank's shard: (index, nll, tokens, bytes, generated, target)."""
+    """Per-sample raw numbers for this rank's shard: (index, nll, tokens, bytes, generated, target, group)."""
     indexed = list(enumerate(samples))
     mine = _shard(indexed, rank, world)
     dev = ds_engine.device()
@@ -80,12 +80,14 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
             prompt_only = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, with_target=False).to(dev)
             ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
             gen = [tok.decode(x) for x in ids]
-        for j, (idx, _) in enumerate(chunk):
-            rows.append((idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(), gen[j], examples[j].target_text))
+        for j, (idx, sample) in enumerate(chunk):
+            rows.append((idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(), gen[j],
+                         examples[j].target_text, task.group(sample)))
     return rows
 
 
-def _metrics(task: Task, rows: list[tuple]) -> dict[str, float]:
+def _metrics(task: Task, rows: list[tuple], by_group: bool = True) -> dict[str, Any]:
+    """Corpus-level metrics of `rows`; with groups, the same metrics per group under "groups"."""
     nll = sum(r[1] for r in rows)
     ntok = sum(r[2] for r in rows)
     nbytes = sum(r[3] for r in rows)
@@ -97,6 +99,9 @@ def _metrics(task: Task, rows: list[tuple]) -> dict[str, float]:
     if "char_error_rate" in task.metrics:
         errs = sum(edit_distance(r[4].strip(), r[5].strip()) for r in rows)
         res["char_error_rate"] = errs / max(1, sum(len(r[5].strip()) for r in rows))
+    groups = sorted({r[6] for r in rows if r[6] is not None})
+    if by_group and groups:
+        res["groups"] = {g: _metrics(task, [r for r in rows if r[6] == g], by_group=False) for g in groups}
     return res
 
 

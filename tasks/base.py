@@ -50,6 +50,10 @@ class Task:
     def encode(self, sample: Any) -> MultimodalExample:
         raise NotImplementedError
 
+    def group(self, sample: Any) -> str | None:
+        """Optional label of a test sample (e.g. what it holds out); evaluation reports each group."""
+        return None
+
     def chance(self, metric: str, train: Sequence[Any], test: Sequence[Any]) -> float | None:
         """The metric a guesser reaches without looking at the input (None where undefined)."""
         return None

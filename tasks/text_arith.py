@@ -89,6 +89,10 @@ class TextArith(Task):
     def encode(self, sample: dict[str, Any]) -> MultimodalExample:
         return MultimodalExample(task=self.name, segments=(("text", sample["prompt"]),), target_text=sample["answer"])
 
+    def group(self, sample: dict[str, Any]) -> str | None:
+        """"pair" (unseen operands), "template" (unseen phrasing) or "both"; None in train."""
+        return sample.get("heldout")
+
     def chance(self, metric: str, train: Sequence[Any], test: Sequence[Any]) -> float | None:
         """Exact match of always answering the most common test answer (the best blind guess)."""
         if metric != "exact_match" or not test:

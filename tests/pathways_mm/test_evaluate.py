@@ -1,0 +1,46 @@
+import math
+
+import pytest
+
+from pathways_mm.evaluate import _metrics, _shard, edit_distance, format_table
+from pathways_mm.tasks import get_task
+
+
+def row(i, nll=1.0, ntok=2, nbytes=4, gen="7", target="7", group=None):
+    return (i, nll, ntok, nbytes, gen, target, group)
+
+
+def test_exact_match_and_groups():
+    task = get_task("text_arith")
+    rows = [row(0, group="pair"), row(1, gen="8", group="pair"), row(2, group="template"), row(3, gen=" 7 ", group="both")]
+    res = _metrics(task, rows)
+    assert res["exact_match"] == pytest.approx(3 / 4)
+    assert res["groups"]["pair"]["exact_match"] == pytest.approx(0.5)
+    assert res["groups"]["template"]["exact_match"] == 1.0 and res["groups"]["both"]["n"] == 1
+    assert "groups" not in res["groups"]["pair"]
+
+
+def test_bits_per_byte_is_corpus_level():
+    task = get_task("text_lm")
+    res = _metrics(task, [row(0, nll=2.0, ntok=1, nbytes=1), row(1, nll=6.0, ntok=3, nbytes=7)])
+    assert res["bits_per_byte"] == pytest.approx(8.0 / math.log(2) / 8)
+    assert res["loss"] == pytest.approx(2.0)
+    assert "groups" not in res
+
+
+@pytest.mark.parametrize("n,world", [(5, 2), (4, 2), (1, 2), (7, 3)])
+def test_shards_have_equal_length_and_cover_everything(n, world):
+    items = list(range(n))
+    shards = [_shard(items, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of forwards
+    assert set().union(*shards) == set(items)
+
+
+@pytest.mark.parametrize("a,b,d", [("", "", 0), ("123", "123", 0), ("123", "13", 1), ("12", "21", 2), ("", "abc", 3)])
+def test_edit_distance(a, b, d):
+    assert edit_distance(a, b) == d
+
+
+def test_table_lists_metric_and_chance():
+    table = format_table({"text_arith": {"n": 3, "exact_match": 0.5, "chance": {"exact_match": 0.1}}})
+    assert "text_arith" in table and "0.500" in table and "0.100" in table
