@@ -10,7 +10,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -62,8 +62,21 @@ def _shard(items: list[Any], rank: int, world: int) -> list[Any]:
     return mine + [items[-1]] * (per - len(mine)) if mine else [items[-1]] * per
 
 
-def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: TextTokenizer, rank: int, world: int):
-    """Per-sample raw numbers for this rank's shard: (index, nll, tokens, bytes, generated, target, group)."""
+class EvalRow(NamedTuple):
+    """What one evaluated sample contributes to its task's metrics."""
+
+    index: int  # position in the split (shard padding repeats some; they collapse on it)
+    nll: float  # summed over the target tokens, in nats
+    num_tokens: int
+    num_bytes: int  # UTF-8 bytes of the target text
+    generated: str | None  # greedy output, for generation metrics
+    target: str
+    group: str | None  # Task.group(sample)
+
+
+def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: TextTokenizer, rank: int,
+                  world: int) -> list[EvalRow]:
+    """One EvalRow per sample of this rank's shard."""
     indexed = list(enumerate(samples))
     mine = _shard(indexed, rank, world)
     dev = ds_engine.device()
@@ -81,27 +94,27 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
             ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
             gen = [tok.decode(x) for x in ids]
         for j, (idx, sample) in enumerate(chunk):
-            rows.append((idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(), gen[j],
-                         examples[j].target_text, task.group(sample)))
+            rows.append(EvalRow(idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(),
+                                gen[j], examples[j].target_text, task.group(sample)))
     return rows
 
 
-def _metrics(task: Task, rows: list[tuple], by_group: bool = True) -> dict[str, Any]:
+def _metrics(task: Task, rows: list[EvalRow], by_group: bool = True) -> dict[str, Any]:
     """Corpus-level metrics of `rows`; with groups, the same metrics per group under "groups"."""
-    nll = sum(r[1] for r in rows)
-    ntok = sum(r[2] for r in rows)
-    nbytes = sum(r[3] for r in rows)
+    nll = sum(r.nll for r in rows)
+    ntok = sum(r.num_tokens for r in rows)
+    nbytes = sum(r.num_bytes for r in rows)
     res: dict[str, float] = {"n": len(rows), "loss": nll / max(ntok, 1)}
     if "bits_per_byte" in task.metrics:
         res["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
     if "exact_match" in task.metrics:
-        res["exact_match"] = sum(r[4].strip() == r[5].strip() for r in rows) / len(rows)
+        res["exact_match"] = sum(r.generated.strip() == r.target.strip() for r in rows) / len(rows)
     if "char_error_rate" in task.metrics:
-        errs = sum(edit_distance(r[4].strip(), r[5].strip()) for r in rows)
-        res["char_error_rate"] = errs / max(1, sum(len(r[5].strip()) for r in rows))
-    groups = sorted({r[6] for r in rows if r[6] is not None})
+        errs = sum(edit_distance(r.generated.strip(), r.target.strip()) for r in rows)
+        res["char_error_rate"] = errs / max(1, sum(len(r.target.strip()) for r in rows))
+    groups = sorted({r.group for r in rows if r.group is not None})
     if by_group and groups:
-        res["groups"] = {g: _metrics(task, [r for r in rows if r[6] == g], by_group=False) for g in groups}
+        res["groups"] = {g: _metrics(task, [r for r in rows if r.group == g], by_group=False) for g in groups}
     return res
 
 
@@ -131,7 +144,7 @@ def evaluate(model, cfg: ExperimentConfig, tasks: Sequence[Task], tok: TextToken
             dist.all_gather_object(gathered, rows)
         else:
             gathered = [rows]
-        by_index = {r[0]: r for part in gathered for r in part}  # repeats from shard padding collapse
+        by_index = {r.index: r for part in gathered for r in part}  # repeats from shard padding collapse
         res = _metrics(task, [by_index[i] for i in sorted(by_index)])
         res["chance"] = {m: task.chance(m, train, samples) for m in task.metrics}
         results[task.name] = res
@@ -149,7 +162,8 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def eval_ds_config(meta_cfg: ExperimentConfig) -> dict[str, Any]:
+def eval_ds_config() -> dict[str, Any]:
+    """Inference only: no optimizer; bf16 on a GPU, float32 on a CPU."""
     ds: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
     if torch.cuda.is_available():
         ds["bf16"] = {"enabled": True}
@@ -179,7 +193,7 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
     table = meta["task_table"]
     tasks = [get_task(name) for name in sorted(table, key=table.get)]
     model = build_model(cfg.model, tok.vocab_size).to(ds_engine.device())
-    engine, *_ = deepspeed.initialize(model=model, config=eval_ds_config(cfg))
+    engine, *_ = deepspeed.initialize(model=model, config=eval_ds_config())
     ds_engine.load_checkpoint(engine, tag_dir, with_optimizer=False)
     results = evaluate(engine, cfg, tasks, tok, rank, world, split=split, max_samples=max_samples)
     report = {"checkpoint": str(tag_dir), "step": meta["step"], "split": split or cfg.eval.split, "tasks": results}

@@ -192,8 +192,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
             engine, ckpt_dir, cfg.train.steps, checkpoint_meta(cfg, ts, tok, cfg.train.steps), cfg.train.keep_checkpoints
         )
     last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world, train_sets=ts.train)
-    summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval, "train_s": round(time.time() - t0, 1)}
-    summary["weights_in_sync"] = in_sync
+    summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval,
+               "train_s": round(time.time() - t0, 1), "weights_in_sync": in_sync}
     if rank == 0:
         log.write({"step": cfg.train.steps, "eval": last_eval, "weights_in_sync": in_sync})
         print(format_table(last_eval), file=sys.stderr)

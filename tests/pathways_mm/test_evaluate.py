@@ -2,12 +2,12 @@ import math
 
 import pytest
 
-from pathways_mm.evaluate import _metrics, _shard, edit_distance, format_table
+from pathways_mm.evaluate import EvalRow, _metrics, _shard, edit_distance, format_table
 from pathways_mm.tasks import get_task
 
 
 def row(i, nll=1.0, ntok=2, nbytes=4, gen="7", target="7", group=None):
-    return (i, nll, ntok, nbytes, gen, target, group)
+    return EvalRow(i, nll, ntok, nbytes, gen, target, group)
 
 
 def test_exact_match_and_groups():
