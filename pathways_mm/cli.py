@@ -54,6 +54,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_guarded(go)
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pathways_mm.baseline import run_baselines
+    from pathways_mm.config import load_config
+    from pathways_mm.engine import setup_single_process_env, shutdown
+
+    def go() -> None:
+        cfg = load_config(args.config, args.overrides)
+        setup_single_process_env()
+        run_baselines(cfg, args.task, Path(args.out_dir), compare=args.compare)
+        shutdown()
+
+    return run_guarded(go)
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from pathways_mm.tasks import list_tasks, load_plugins
 
@@ -90,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="JSON report path (default: inside the checkpoint)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("baseline", help="single-task dense baselines of an experiment (same active parameters)")
+    b.add_argument("config", help="the multi-task experiment YAML, e.g. configs/experiments/demo.yaml")
+    b.add_argument("--task", action="append", default=[], metavar="NAME",
+                   help="baseline for this task only (repeatable; default: every task of the experiment)")
+    b.add_argument("--out-dir", default="runs/baselines", help="one run directory per task under this folder")
+    b.add_argument("--compare", default=None, metavar="EVAL_JSON",
+                   help="the multi-task model's eval report (pathways-mm eval RUN --out FILE) for the comparison table")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.set_defaults(func=cmd_baseline)
 
     k = sub.add_parser("tasks", help="list registered tasks, their modalities and where they come from")
     k.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also import this plugin module")

@@ -39,6 +39,34 @@ class MoEConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """Image encoder: resize to `image_size` rows (width keeps the aspect), conv stem, patches."""
+
+    image_size: int = 16  # rows after resizing; a strip of k digits is k * image_size wide
+    patch_size: int = 4
+    stem_channels: int = 32
+    max_patches_per_row: int = 32  # widest strip: max_patches_per_row * patch_size pixels
+    # training augmentation (random affine per image); evaluation uses none
+    max_rotate: float = 12.0  # degrees
+    max_translate: float = 0.1  # fraction of the size
+    max_scale: float = 0.1  # zoom in [1 - s, 1 + s]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioConfig:
+    """Audio encoder: log-mel spectrogram, SpecAugment in training, 4x conv subsampling."""
+
+    sample_rate: int = 16_000  # clips at any other rate are refused, not silently resampled
+    n_fft: int = 512
+    hop_length: int = 256  # 16 ms frames
+    n_mels: int = 40
+    max_seconds: float = 4.0
+    # SpecAugment in training: one frequency and one time mask per clip, width up to these
+    freq_mask: int = 8  # mel bins
+    time_mask: int = 10  # frames
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Decoder sizes. `size` names a row of SIZES; keys given beside it override that row."""
 
@@ -55,6 +83,8 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-5
     moe: MoEConfig = field(default_factory=MoEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
 
     @property
     def head_dim(self) -> int:
@@ -331,6 +361,14 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError("model.moe.expert_d_ff must be >= 1 (or null for model.d_ff)")
         if e.moe_every < 1:
             raise ConfigError("model.moe.moe_every must be >= 1")
+    v = m.vision
+    if v.image_size < v.patch_size or v.image_size % v.patch_size:
+        raise ConfigError(
+            f"model.vision.image_size ({v.image_size}) must be a positive multiple of model.vision.patch_size ({v.patch_size})"
+        )
+    a = m.audio
+    if a.n_fft < a.hop_length or a.hop_length < 1 or a.n_mels < 1:
+        raise ConfigError("model.audio: need n_fft >= hop_length >= 1 and n_mels >= 1")
 
 
 def resolve_relative(cfg: ExperimentConfig, path: str) -> Path:

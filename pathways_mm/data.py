@@ -1,4 +1,4 @@
-"""Datasets on disk, the multi-task mixture sampler and collation into model batches.
+"""Datasets on disk and the multi-task mixture sampler (collation lives in pathways_mm.collate).
 
 The batch at optimizer step s, micro-step m on rank r is a pure function of (seed, s, m, r):
 no iterator state exists, so a resumed run sees exactly the batches an uninterrupted run would.
@@ -9,18 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from pathways_mm.encoders.text import TextTokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.tasks.base import MultimodalExample, Task
+from pathways_mm.tasks.base import Task
 
-IGNORE = -100
 
 
 def split_path(task: Task, split: str, root: Path, seed: int) -> Path:
@@ -33,6 +29,7 @@ def load_split(task: Task, split: str, root: Path, seed: int) -> list[Any]:
     if split not in task.splits:
         raise ConfigError(f"task '{task.name}' has no split '{split}'; it has {list(task.splits)}")
     path = split_path(task, split, root, seed)
+    task.bind(Path(root), seed)
     if path.is_file():
         with path.open() as f:
             return [json.loads(line) for line in f]
@@ -47,14 +44,18 @@ def load_split(task: Task, split: str, root: Path, seed: int) -> list[Any]:
 
 
 class MixtureSampler:
-    """Temperature sampling over tasks: p_t ∝ (n_t * w_t) ** (1 / T), then a uniform sample."""
+    """Temperature sampling over tasks: p_t ∝ n_t ** (1 / T) * w_t, then a uniform sample.
+
+    The weights multiply after the temperature: with a large T (near-uniform over tasks) a weight
+    of 2 still means twice the share, rather than vanishing into the T-th root.
+    """
 
     def __init__(self, sizes: Sequence[int], temperature: float, seed: int, weights: Sequence[float] | None = None):
         sizes_arr = np.asarray(sizes, dtype=np.float64)
         if (sizes_arr <= 0).any():
             raise ConfigError(f"every task needs at least one training sample (sizes {list(sizes)})")
         w = np.ones_like(sizes_arr) if weights is None else np.asarray(weights, dtype=np.float64)
-        p = (sizes_arr * w) ** (1.0 / temperature)
+        p = sizes_arr ** (1.0 / temperature) * w
         self.probs = p / p.sum()
         self.sizes = [int(s) for s in sizes]
         self.seed = seed
@@ -64,67 +65,3 @@ class MixtureSampler:
         rng = np.random.default_rng([self.seed, step, micro, rank])
         tasks = rng.choice(len(self.sizes), size=num, p=self.probs)
         return [(int(t), int(rng.integers(self.sizes[t]))) for t in tasks]
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # [B, L] token ids; position 0 is the task slot
-    task_ids: torch.Tensor  # [B]
-    prefix_len: torch.Tensor  # [B] task token + prompt
-    lengths: torch.Tensor  # [B] real length (the rest is padding)
-    labels: torch.Tensor  # [B, L] next token at each position, IGNORE where no loss
-    target_bytes: torch.Tensor  # [B] UTF-8 bytes of the target text that was kept
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-
-def _prompt_text(ex: MultimodalExample) -> str:
-    parts = []
-    for modality, raw in ex.segments:
-        if modality != "text":
-            raise ConfigError(f"task '{ex.task}': modality '{modality}' needs its encoder; only text is built in so far")
-        parts.append(raw)
-    return " ".join(parts)
-
-
-def collate(
-    examples: Sequence[MultimodalExample],
-    task_ids: Sequence[int],
-    tokenizer: TextTokenizer,
-    max_len: int,
-    with_target: bool = True,
-) -> Batch:
-    """Tokenise, lay out `[task][prompt][target][eos]`, pad right. Targets are cut to fit max_len."""
-    rows, prefixes, nbytes = [], [], []
-    for ex in examples:
-        prompt = tokenizer.encode(_prompt_text(ex))
-        prefix = [tokenizer.bos_id] + prompt  # slot 0 is replaced by the task embedding
-        if len(prefix) >= max_len:
-            raise ConfigError(
-                f"task '{ex.task}': a prompt of {len(prompt)} tokens does not fit data.max_len={max_len}; raise data.max_len"
-            )
-        target = tokenizer.encode(ex.target_text) if with_target else []
-        room = max_len - len(prefix) - 1
-        target = target[:room]
-        rows.append(prefix + target + ([tokenizer.eos_id] if with_target else []))
-        prefixes.append(len(prefix))
-        nbytes.append(len(tokenizer.decode_bytes(target)))
-    B, L = len(rows), max(len(r) for r in rows)
-    tokens = torch.full((B, L), tokenizer.pad_id, dtype=torch.long)
-    labels = torch.full((B, L), IGNORE, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-        p = prefixes[i]
-        labels[i, p - 1 : len(row) - 1] = torch.tensor(row[p:], dtype=torch.long)
-    return Batch(
-        tokens=tokens,
-        task_ids=torch.tensor(list(task_ids), dtype=torch.long),
-        prefix_len=torch.tensor(prefixes, dtype=torch.long),
-        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
-        labels=labels,
-        target_bytes=torch.tensor(nbytes, dtype=torch.long),
-    )

@@ -22,7 +22,7 @@ class FFNOutput(NamedTuple):
 
 
 class DecoderOutput(NamedTuple):
-    logits: torch.Tensor  # [B, L, V]
+    logits: torch.Tensor  # [B, L, V], or [N, V] at the N positions of `logits_at`
     aux_loss: torch.Tensor  # scalar, sum over layers (0 for a dense model)
 
 
@@ -158,7 +158,11 @@ class Decoder(nn.Module):
         task_ids_B: torch.Tensor,
         prefix_len_B: torch.Tensor | None = None,
         inputs_embeds_BLD: torch.Tensor | None = None,
+        logits_at_BL: torch.Tensor | None = None,
     ) -> DecoderOutput:
+        """`logits_at_BL` (bool) limits the LM head to those positions: most tasks score a few
+        target tokens, and the head over a 4k vocabulary at every position would cost more than
+        the blocks."""
         B, L = tokens_BL.shape
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {L} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
@@ -171,6 +175,8 @@ class Decoder(nn.Module):
             x, aux = block(x, cos, sin, mask, task_ids_BL)
             if aux is not None:
                 aux_total = aux_total + aux
+        if logits_at_BL is not None:
+            x = x[logits_at_BL]  # [N, D]
         logits = F.linear(self.norm(x), self.tok_embed.weight)  # tied input/output embeddings
         return DecoderOutput(logits, aux_total)
 

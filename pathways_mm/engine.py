@@ -65,9 +65,28 @@ def init_distributed(threads: int = 0) -> tuple[int, int]:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        _unlink_shm_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer (69 MB in /dev/shm).
+
+    DeepSpeed never unlinks it, so every CPU run left one per rank behind until /dev/shm filled
+    memory. Once every rank has mapped every peer's buffer (DeepSpeed opens them all during
+    init, before the barrier returns), the name is no longer needed: the mappings live on and the
+    memory goes back when the last process exits, even if it is killed.
+    """
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() or not Path("/dev/shm").is_dir():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def shutdown() -> None:

@@ -16,7 +16,8 @@ import torch
 
 from pathways_mm import engine as ds_engine
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
-from pathways_mm.data import Batch, collate, load_split
+from pathways_mm.collate import Batch, collate
+from pathways_mm.data import load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.losses import forward_loss
 from pathways_mm.model import build_model
@@ -35,18 +36,28 @@ def edit_distance(a: str, b: str) -> int:
 
 @torch.no_grad()
 def greedy_generate(model, batch: Batch, max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Greedy decoding from each prefix; always runs `max_new_tokens` forwards (ranks stay in step)."""
+    """Greedy decoding from each prefix; always runs `max_new_tokens` forwards (ranks stay in step).
+
+    The multimodal prefix is embedded once; each step appends the new tokens' embeddings.
+    """
+    net = getattr(model, "module", model)  # a DeepSpeed engine wraps the PathwaysModel
     B = len(batch)
-    tokens = batch.tokens
+    dev = batch.tokens.device
+    x_BLD = net.embed(batch)
     lengths = batch.lengths.clone()
     out: list[list[int]] = [[] for _ in range(B)]
-    finished = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-    rows = torch.arange(B, device=tokens.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
+    step = dataclasses.replace(batch)
     for _ in range(max_new_tokens):
-        logits = model(tokens, batch.task_ids, batch.prefix_len).logits  # [B, L, V]
-        nxt = logits[rows, lengths - 1].argmax(-1)
-        tokens = torch.cat([tokens, torch.full((B, 1), pad_id, dtype=tokens.dtype, device=tokens.device)], dim=1)
-        tokens[rows, lengths] = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        last_BL = torch.zeros(step.tokens.shape, dtype=torch.bool, device=dev)
+        last_BL[rows, lengths - 1] = True
+        nxt = net.run(x_BLD, step, last_BL).logits.argmax(-1)  # [B]: row-major order is row order
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        step.tokens = torch.cat([step.tokens, torch.full((B, 1), pad_id, dtype=step.tokens.dtype, device=dev)], dim=1)
+        step.tokens[rows, lengths] = nxt
+        x_BLD = torch.cat([x_BLD, x_BLD.new_zeros(B, 1, x_BLD.shape[-1])], dim=1)
+        x_BLD[rows, lengths] = net.decoder.tok_embed(nxt).to(x_BLD.dtype)
         for i in (~finished).nonzero().flatten().tolist():
             if nxt[i].item() != eos_id:
                 out[i].append(nxt[i].item())
@@ -75,7 +86,7 @@ class EvalRow(NamedTuple):
 
 
 def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: TextTokenizer, rank: int,
-                  world: int) -> list[EvalRow]:
+                  world: int, split: str) -> list[EvalRow]:
     """One EvalRow per sample of this rank's shard."""
     indexed = list(enumerate(samples))
     mine = _shard(indexed, rank, world)
@@ -86,11 +97,13 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
     for start in range(0, len(mine), bs):
         chunk = mine[start : start + bs]
         examples = [task.encode(s) for _, s in chunk]
-        batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len).to(dev)
+        keys = [f"{split}[{idx}]" for idx, _ in chunk]
+        batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model, keys=keys).to(dev)
         out = forward_loss(model, batch)
         gen = [None] * len(chunk)
         if need_gen:
-            prompt_only = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, with_target=False).to(dev)
+            prompt_only = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, with_target=False,
+                                  model_cfg=cfg.model, keys=keys).to(dev)
             ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
             gen = [tok.decode(x) for x in ids]
         for j, (idx, sample) in enumerate(chunk):
@@ -138,7 +151,7 @@ def evaluate(model, cfg: ExperimentConfig, tasks: Sequence[Task], tok: TextToken
         train = train_sets[tid] if train_sets is not None else load_split(task, "train", root, cfg.data.seed)
         samples = samples[:limit] if limit else samples
         with torch.no_grad():
-            rows = _task_results(model, task, tid, samples, cfg, tok, rank, world)
+            rows = _task_results(model, task, tid, samples, cfg, tok, rank, world, split)
         gathered: list[Any] = [None] * world
         if world > 1:
             dist.all_gather_object(gathered, rows)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pathways_mm.data import IGNORE, Batch
+from pathways_mm.collate import IGNORE, Batch
 
 
 class LossOutput(NamedTuple):
@@ -19,12 +19,14 @@ class LossOutput(NamedTuple):
 
 
 def forward_loss(model, batch: Batch, norm: str = "example") -> LossOutput:
-    out = model(batch.tokens, batch.task_ids, batch.prefix_len)
-    logits_BLV = out.logits.float()  # loss math in float32 whatever the compute dtype
-    nll_BL = F.cross_entropy(logits_BLV.transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
     mask_BL = batch.labels != IGNORE
+    out = model(batch, mask_BL)  # logits only where a target token is scored
+    logits_NV = out.logits.float()  # loss math in float32 whatever the compute dtype
+    nll_N = F.cross_entropy(logits_NV, batch.labels[mask_BL], reduction="none")
+    nll_B = torch.zeros(mask_BL.shape[0], dtype=nll_N.dtype, device=nll_N.device).index_add(
+        0, mask_BL.nonzero()[:, 0], nll_N
+    )
     num_tokens_B = mask_BL.sum(1)
-    nll_B = nll_BL.sum(1)
     if norm == "token":
         lm_loss = nll_B.sum() / num_tokens_B.sum().clamp(min=1)
     else:

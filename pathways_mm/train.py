@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
 
 from pathways_mm import engine as ds_engine
 from pathways_mm.config import ExperimentConfig, data_root, load_config, to_dict
-from pathways_mm.data import Batch, MixtureSampler, collate, load_split
+from pathways_mm.collate import Batch, collate
+from pathways_mm.data import MixtureSampler, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.losses import forward_loss
@@ -68,7 +70,10 @@ def make_sampler(cfg: ExperimentConfig, ts: TaskSet) -> MixtureSampler:
 def train_batch(cfg, ts: TaskSet, sampler: MixtureSampler, tok: TextTokenizer, step: int, micro: int, rank: int) -> Batch:
     picks = sampler.draw(cfg.train.micro_batch_size, step, micro, rank)
     examples = [ts.tasks[t].encode(ts.train[t][i]) for t, i in picks]
-    return collate(examples, [t for t, _ in picks], tok, cfg.data.max_len)
+    keys = [f"train[{i}]" for _, i in picks]
+    # augmentation comes from the batch key too: a resumed run redraws exactly the same batch
+    rng = np.random.default_rng([cfg.seed, step, micro, rank, 1])
+    return collate(examples, [t for t, _ in picks], tok, cfg.data.max_len, model_cfg=cfg.model, rng=rng, keys=keys)
 
 
 def checkpoint_meta(cfg: ExperimentConfig, ts: TaskSet, tok: TextTokenizer, step: int) -> dict[str, Any]:

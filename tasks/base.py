@@ -50,6 +50,11 @@ class Task:
     def encode(self, sample: Any) -> MultimodalExample:
         raise NotImplementedError
 
+    def bind(self, root: Path, seed: int) -> None:
+        """Called with the data location before any sample is encoded: a task whose samples point
+        into media banks built under `root` (images, audio) reads them from there."""
+        self.root, self.seed = Path(root), seed
+
     def group(self, sample: Any) -> str | None:
         """Optional label of a test sample (e.g. what it holds out); evaluation reports each group."""
         return None

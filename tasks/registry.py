@@ -13,7 +13,7 @@ from pathways_mm.errors import ConfigError
 from pathways_mm.tasks.base import METRICS, MODALITIES, Task, TaskInfo
 
 ENTRY_POINT_GROUP = "pathways_mm.tasks"
-BUILTIN_MODULES = ("pathways_mm.tasks.text_lm", "pathways_mm.tasks.text_arith")
+BUILTIN_MODULES = ("pathways_mm.tasks.text_lm", "pathways_mm.tasks.text_arith", "pathways_mm.tasks.multimodal")
 
 _REGISTRY: dict[str, TaskInfo] = {}
 _SOURCE: list[str] = []  # the loader that is importing right now (innermost last)

@@ -12,6 +12,11 @@ from pathways_mm.engine import free_port
 from tests.conftest import DEBUG_CFG, ROOT, read_metrics, run_cli
 
 
+def test_weights_multiply_after_the_temperature():
+    s = MixtureSampler([900, 100], temperature=1e9, seed=0, weights=[1.0, 3.0])
+    assert s.probs.tolist() == pytest.approx([0.25, 0.75], rel=1e-6)
+
+
 def test_mixture_sampler_is_a_pure_function_of_step():
     s = MixtureSampler([1000, 10], temperature=1.0, seed=3)
     assert s.draw(16, step=5, micro=1, rank=0) == MixtureSampler([1000, 10], 1.0, 3).draw(16, 5, 1, 0)
