@@ -88,6 +88,8 @@ def collate(
         try:
             for modality, raw in ex.segments:
                 if modality == "text":
+                    if not isinstance(raw, str):
+                        raise MediaError(f"a text segment must be a string, got {type(raw).__name__}")
                     ids = tokenizer.encode(raw)
                     row += ids
                     mod += [TEXT] * len(ids)
