@@ -82,6 +82,15 @@ class Batch:
         return self.tokens.shape[0]
 
 
+def modality_ids(batch: Batch) -> torch.Tensor:
+    """[B, L] int64 index into MODALITIES per position, -1 at padding (what route telemetry counts).
+
+    Batches are text-only so far: text where position < length, padding beyond.
+    """
+    pos_BL = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None, :]
+    return torch.where(pos_BL < batch.lengths[:, None], 0, -1).to(torch.long)
+
+
 def _prompt_text(ex: MultimodalExample) -> str:
     parts = []
     for modality, raw in ex.segments:

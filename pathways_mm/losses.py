@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pathways_mm.data import IGNORE, Batch
+from pathways_mm.data import IGNORE, Batch, modality_ids
 
 
 class LossOutput(NamedTuple):
@@ -18,8 +18,10 @@ class LossOutput(NamedTuple):
     num_tokens_B: torch.Tensor  # target tokens per sample
 
 
-def forward_loss(model, batch: Batch, norm: str = "example") -> LossOutput:
-    out = model(batch.tokens, batch.task_ids, batch.prefix_len)
+def forward_loss(model, batch: Batch, norm: str = "example", modality_ids_BL: torch.Tensor | None = None) -> LossOutput:
+    """modality_ids_BL: per-position modality ids for route telemetry (default: `modality_ids(batch)`)."""
+    mods_BL = modality_ids(batch) if modality_ids_BL is None else modality_ids_BL
+    out = model(batch.tokens, batch.task_ids, batch.prefix_len, modality_ids_BL=mods_BL)
     logits_BLV = out.logits.float()  # loss math in float32 whatever the compute dtype
     nll_BL = F.cross_entropy(logits_BLV.transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
     mask_BL = batch.labels != IGNORE
