@@ -186,7 +186,8 @@ def run_telemetry(args: argparse.Namespace) -> dict[str, float]:
     times: dict[str, list[float]] = {"off": [], "on": []}
     counted = 0
     for i in range(args.warmup + args.iters):
-        for mode in ("off", "on"):  # round-robin: load on a shared machine hits both alike
+        # Round-robin, order flipped every iteration: load on a shared machine hits both alike.
+        for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
             telemetry.enable(engine, on=mode == "on")  # outside the timed region
             _sync(dev)
             t0 = time.perf_counter()
@@ -196,6 +197,8 @@ def run_telemetry(args: argparse.Namespace) -> dict[str, float]:
                 times[mode].append((time.perf_counter() - t0) * 1e3)
             if mode == "on":
                 counted = int(sum(c.token_stats[0].sum() for c in telemetry.read(engine)))
+    telemetry.enable(engine)  # whichever mode ran last
+    record_ms = _time_record(engine, batch, dev)
     n_moe = telemetry.enable(engine, on=False)
     ms = {mode: statistics.median(ts) for mode, ts in times.items()}
     tokens = int(batch.lengths.sum())
@@ -208,8 +211,35 @@ def run_telemetry(args: argparse.Namespace) -> dict[str, float]:
         print(f"{mode:<10} {ms[mode]:9.2f} {tokens / ms[mode] * 1e3:10,.0f}")
     ratio = ms["on"] / ms["off"]
     print(f"ratio on/off: {ratio:.3f}")
+    print(f"telemetry.record alone: {record_ms * 1e3:.0f} us per step, all MoE layers "
+          f"({record_ms / ms['off'] * 100:.2f}% of a step without telemetry)")  # fmt: skip
     os.unlink(f.name)
     return {**ms, "ratio": ratio, "counted": counted}
+
+
+def _time_record(engine, batch, dev: torch.device, reps: int = 50) -> float:
+    """Median ms of the counting itself for one forward (every MoE layer), on this batch's real routes.
+
+    The step ratio includes the machine's noise; this isolates what telemetry adds.
+    """
+    from pathways_mm.data import modality_ids
+    from pathways_mm.routing import telemetry
+
+    layers = [m for m in engine.module.modules() if telemetry.is_tracked(m)]
+    x_TD = torch.randn(batch.tokens.numel(), layers[0].router.wg.in_features, device=dev)
+    task_T = batch.task_ids[:, None].expand_as(batch.tokens).reshape(-1)
+    mods_T = modality_ids(batch).reshape(-1)
+    with torch.no_grad():
+        route = layers[0].route(x_TD, task_T)
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        for m in layers:
+            telemetry.record(m, route.indices_TK, route.probs_TE, task_T, mods_T)
+        _sync(dev)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
 
 
 def _add_telemetry_args(p: argparse.ArgumentParser) -> None:

@@ -80,13 +80,17 @@ def svg_heatmap(values_RC: np.ndarray, rows: list[str], cols: list[str], color: 
                 light: Callable[[float], bool] = lambda x: x < 0.5) -> str:
     """A heatmap; `light(value)` says where the number on a cell must be white (dark colour)."""
     R, C = values_RC.shape
-    w, h = max(LABEL_W + C * CELL, LABEL_W + 7 * len(title)) + 10, TOP + R * CELL + 10
+    slant = max(map(len, cols), default=0) > 3  # long column names (tasks) go up at 45 degrees
+    top = TOP + (6 * max(map(len, cols)) if slant else 0)
+    w, h = max(LABEL_W + C * CELL + (6 * max(map(len, cols)) if slant else 0), LABEL_W + 7 * len(title)) + 10, top + R * CELL + 10
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
            f'<text x="{LABEL_W}" y="14">{_e(title)}</text>']  # fmt: skip
     for j, c in enumerate(cols):
-        out.append(f'<text x="{LABEL_W + j * CELL + CELL / 2}" y="{TOP - 4}" text-anchor="middle">{_e(c)}</text>')
+        x = LABEL_W + j * CELL + CELL / 2
+        turn = f' transform="rotate(-45 {x} {top - 4})" text-anchor="start"' if slant else ' text-anchor="middle"'
+        out.append(f'<text x="{x}" y="{top - 4}"{turn}>{_e(c)}</text>')
     for i, r in enumerate(rows):
-        y = TOP + i * CELL
+        y = top + i * CELL
         out.append(f'<text x="{LABEL_W - 6}" y="{y + CELL / 2 + 4}" text-anchor="end">{_e(r)}</text>')
         for j in range(C):
             v = float(values_RC[i, j])

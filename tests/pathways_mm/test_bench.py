@@ -15,3 +15,4 @@ def test_bench_telemetry_times_both_modes_and_counts_when_on(data_dir):
     real = int(re.search(r"\((\d+) real tokens\)", res.stdout).group(1))
     counted = int(re.search(r"(\d+) token-layer counts per step", res.stdout).group(1))
     assert counted == 2 * real  # two MoE blocks, padding not counted
+    assert re.search(r"telemetry.record alone: \d+ us per step", res.stdout), res.stdout
