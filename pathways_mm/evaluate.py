@@ -188,6 +188,7 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
     routes_out: also count where the evaluated tokens go and write a routes file there.
     """
     from pathways_mm import routes
+
     ds_engine.pin_accelerator()
     import deepspeed
 
