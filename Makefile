@@ -19,9 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 # --resume makes a second `make demo` reuse the finished run instead of training again.
+# The routes step needs an MoE model (model.moe.num_experts > 0 in $(DEMO)).
 demo: $(STAMP)
 	$(PMM) train $(DEMO) --set train.out_dir=runs/demo --resume
-	$(PMM) eval runs/demo --out runs/demo/eval.json
+	$(PMM) eval runs/demo --out runs/demo/eval.json --routes runs/demo/routes.json
+	$(PMM) routes runs/demo/routes.json --out runs/demo/routes
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,13 +1,18 @@
-"""`pathways-mm bench moe`: one MoE FFN layer, forward+backward, against a FLOP-matched dense SwiGLU.
+"""Micro-benchmarks behind `pathways-mm bench`.
 
+`bench moe`: one MoE FFN layer, forward+backward, against a FLOP-matched dense SwiGLU.
 Rows: dense SwiGLU (hidden = top_k * d_ff), PathwaysMoE impl=grouped (dropless, grouped GEMM),
 PathwaysMoE impl=deepspeed (capacity buffers), and DeepSpeed's stock `MoE` layer for reference.
 Ratio = dense ms / row ms (1.00 = as fast as dense, as in shared/GPU.md).
+
+`bench telemetry`: a full DeepSpeed training step of a small MoE decoder with route telemetry
+off and on, interleaved round-robin; ratio = on / off (1.00 = free).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable, NamedTuple
@@ -127,6 +132,124 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+TELEMETRY_CONFIGS = {
+    # name: (model size, experts, top_k, micro batch, sequence length)
+    "cpu": ("tiny", 8, 2, 16, 96),
+    "gpu": ("small", 16, 2, 32, 512),
+}
+
+
+def _synthetic_batch(B: int, L: int, vocab: int, num_tasks: int, device: torch.device):
+    """Random tokens with right padding (as collate lays them out), so telemetry skips real padding."""
+    from pathways_mm.collate import IGNORE, PAD_MODALITY, TEXT, Batch
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, vocab, (B, L), generator=g)
+    lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
+    pos = torch.arange(L)[None, :]
+    labels = torch.where(pos < lengths[:, None] - 1, tokens.roll(-1, dims=1), IGNORE)
+    return Batch(tokens=tokens, task_ids=torch.randint(0, num_tasks, (B,), generator=g),
+                 prefix_len=torch.full((B,), 8), lengths=lengths, labels=labels,
+                 target_bytes=torch.zeros(B, dtype=torch.long),
+                 modality_ids=torch.where(pos < lengths[:, None], TEXT, PAD_MODALITY).expand(B, L).contiguous(),
+                 markers=torch.full((B, L), -1)).to(device)  # fmt: skip
+
+
+def run_telemetry(args: argparse.Namespace) -> dict[str, float]:
+    """Median ms of a full training step with telemetry off and on; prints a table with the ratio."""
+    import json
+    import tempfile
+
+    from pathways_mm import engine as ds_engine
+    from pathways_mm.config import SIZES, ExperimentConfig, ModelConfig, MoEConfig, TrainConfig
+    from pathways_mm.losses import forward_loss
+    from pathways_mm.model import build_model
+    from pathways_mm.routing import telemetry
+
+    size, num_experts, top_k, B, L = TELEMETRY_CONFIGS[args.config]
+    vocab = 1024
+    _, world = ds_engine.init_distributed(args.threads)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                   "gradient_clipping": 1.0, "steps_per_print": 10**9}, f)  # fmt: skip
+    # SIZES applied by hand: only the YAML loader expands `size` into its row.
+    model_cfg = ModelConfig(**{**SIZES[size], "size": size, "max_seq_len": max(256, L),
+                               "moe": MoEConfig(num_experts=num_experts, top_k=top_k)})  # fmt: skip
+    cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(micro_batch_size=B, ds_config=f.name, steps=10**6))
+    torch.manual_seed(0)
+    engine = ds_engine.initialize(build_model(model_cfg, vocab), cfg, world)
+    dev = ds_engine.device()
+    batch = _synthetic_batch(B, L, vocab, 2, dev)
+
+    def step() -> None:
+        engine.backward(forward_loss(engine, batch).loss)
+        engine.step()
+
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    counted = 0
+    for i in range(args.warmup + args.iters):
+        # Round-robin, order flipped every iteration: load on a shared machine hits both alike.
+        for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            telemetry.enable(engine, on=mode == "on")  # outside the timed region
+            _sync(dev)
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            if i >= args.warmup:
+                times[mode].append((time.perf_counter() - t0) * 1e3)
+            if mode == "on":
+                counted = int(sum(c.token_stats[0].sum() for c in telemetry.read(engine)))
+    telemetry.enable(engine)  # whichever mode ran last
+    record_ms = _time_record(engine, batch, dev)
+    n_moe = telemetry.enable(engine, on=False)
+    ms = {mode: statistics.median(ts) for mode, ts in times.items()}
+    tokens = int(batch.lengths.sum())
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench telemetry --config {args.config}: {size} decoder, {num_experts} experts top-{top_k} in {n_moe} "
+          f"blocks, batch {B}x{L} ({tokens} real tokens) on {where}; median of {args.iters} full training steps "
+          f"(forward, backward, optimizer), off/on round-robin; {counted} token-layer counts per step when on")  # fmt: skip
+    print(f"{'telemetry':<10} {'ms/step':>9} {'tokens/s':>10}")
+    for mode in ("off", "on"):
+        print(f"{mode:<10} {ms[mode]:9.2f} {tokens / ms[mode] * 1e3:10,.0f}")
+    ratio = ms["on"] / ms["off"]
+    print(f"ratio on/off: {ratio:.3f}")
+    print(f"telemetry.record alone: {record_ms * 1e3:.0f} us per step, all MoE layers "
+          f"({record_ms / ms['off'] * 100:.2f}% of a step without telemetry)")  # fmt: skip
+    os.unlink(f.name)
+    return {**ms, "ratio": ratio, "counted": counted}
+
+
+def _time_record(engine, batch, dev: torch.device, reps: int = 50) -> float:
+    """Median ms of the counting itself for one forward (every MoE layer), on this batch's real routes.
+
+    The step ratio includes the machine's noise; this isolates what telemetry adds.
+    """
+    from pathways_mm.routing import telemetry
+
+    layers = [m for m in engine.module.modules() if telemetry.is_tracked(m)]
+    x_TD = torch.randn(batch.tokens.numel(), layers[0].router.wg.in_features, device=dev)
+    task_T = batch.task_ids[:, None].expand_as(batch.tokens).reshape(-1)
+    mods_T = batch.modality_ids.reshape(-1)
+    with torch.no_grad():
+        route = layers[0].route(x_TD, task_T)
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        for m in layers:
+            telemetry.record(m, route.indices_TK, route.probs_TE, task_T, mods_T)
+        _sync(dev)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _add_telemetry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", choices=sorted(TELEMETRY_CONFIGS), default="cpu", help="model and batch size")
+    p.add_argument("--iters", type=int, default=30, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
+
+
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu", help="layer sizes (GPU ones from shared/GPU.md)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default: the config's)")
@@ -146,12 +269,34 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     moe = kinds.add_parser("moe", help="one MoE FFN layer vs a FLOP-matched dense FFN")
     _add_args(moe)
     moe.set_defaults(func=_cli_run)
+    tel = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
+    _add_telemetry_args(tel)
+    tel.set_defaults(func=_cli_telemetry)
     return bench
+
+
+def _cli_telemetry(args: argparse.Namespace) -> int:
+    from pathways_mm.cli import run_guarded
+    from pathways_mm.engine import setup_single_process_env, shutdown
+
+    def go() -> None:
+        setup_single_process_env()
+        run_telemetry(args)
+        shutdown()
+
+    return run_guarded(go)
 
 
 def _cli_run(args: argparse.Namespace) -> int:
     run(args)
     return 0  # the CLI's exit status
+
+
+def bench_telemetry(argv: list[str] | None = None) -> dict[str, float]:
+    """`pathways-mm bench telemetry [options]` without the CLI around it."""
+    p = argparse.ArgumentParser(prog="pathways-mm bench telemetry")
+    _add_telemetry_args(p)
+    return run_telemetry(p.parse_args(argv))
 
 
 def bench_moe(argv: list[str] | None = None) -> list[Row]:

@@ -48,7 +48,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def go() -> None:
         setup_single_process_env()
-        run_eval(args.checkpoint, split=args.split, max_samples=args.max_samples, out=args.out, overrides=args.overrides)
+        run_eval(args.checkpoint, split=args.split, max_samples=args.max_samples, out=args.out, overrides=args.overrides,
+                 routes_out=args.routes)
         shutdown()
 
     return run_guarded(go)
@@ -66,6 +67,16 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         setup_single_process_env()
         run_baselines(cfg, args.task, Path(args.out_dir), compare=args.compare)
         shutdown()
+
+    return run_guarded(go)
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    def go() -> None:
+        from pathways_mm.routes_plot import draw
+
+        paths = draw(args.routes, args.out, compare=args.compare)
+        print(f"pathways-mm: wrote {len(paths)} files to {args.out} (open {paths[-1]})", file=sys.stderr)
 
     return run_guarded(go)
 
@@ -105,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, default=None, help="samples per task (0 = all)")
     e.add_argument("--out", default=None, help="JSON report path (default: inside the checkpoint)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--routes", default=None, metavar="OUT.json",
+                   help="also write where each task's tokens went in every MoE layer (see `pathways-mm routes`)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("baseline", help="single-task dense baselines of an experiment (same active parameters)")
@@ -116,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the multi-task model's eval report (pathways-mm eval RUN --out FILE) for the comparison table")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.set_defaults(func=cmd_baseline)
+
+    r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathway graph, reuse, modalities, routes.html")
+    r.add_argument("routes", help="routes JSON written by `pathways-mm eval RUN --routes OUT.json`")
+    r.add_argument("--compare", default=None, metavar="OTHER.json", help="also show what changed from OTHER.json")
+    r.add_argument("--out", required=True, help="folder for the PNG figures and routes.html")
+    r.set_defaults(func=cmd_routes)
 
     k = sub.add_parser("tasks", help="list registered tasks, their modalities and where they come from")
     k.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also import this plugin module")

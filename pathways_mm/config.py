@@ -38,6 +38,10 @@ class MoEConfig:
     debug_route_to: int | None = None  # _debug_: send every token to this expert (tests)
 
 
+# How a layer runs, not what it computes: a checkpoint loads whatever these are set to.
+MOE_RUNTIME_KEYS = ("impl", "capacity_factor", "eval_capacity_factor", "ep_size", "debug_route_to", "router_jitter")
+
+
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """Image encoder: resize to `image_size` rows (width keeps the aspect), conv stem, patches."""
@@ -143,6 +147,7 @@ class EvalConfig:
     split: str = "test"
     max_samples: int = 200  # per task
     batch_size: int = 32
+    routes: bool = False  # also write a routes file (docs/routes.md) at each evaluation, into out_dir/routes/
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,6 +351,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.data.max_len > m.max_seq_len:
         raise ConfigError(f"data.max_len ({cfg.data.max_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     e = m.moe
+    if cfg.eval.routes and not e.num_experts:
+        raise ConfigError("eval.routes: a dense model has no routes; set model.moe.num_experts > 0 or eval.routes: false")
     if e.num_experts < 0:
         raise ConfigError("model.moe.num_experts must be >= 0 (0 = dense)")
     if e.num_experts:

@@ -1,7 +1,7 @@
 """The shared decoder: PaLM-style parallel blocks with MQA/GQA, RoPE, SwiGLU and tied embeddings.
 
 Every block computes `y = x + attn(norm(x)) + ffn(norm(x))`. The FFN is a swappable part: any
-module whose forward takes `(x_BLD, task_ids_BL)` and returns an `FFNOutput`.
+module whose forward takes `(x_BLD, task_ids_BL, modality_ids_BL)` and returns an `FFNOutput`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d_model, d_ff, bias=False)
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> FFNOutput:
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None,
+                modality_ids: torch.Tensor | None = None) -> FFNOutput:
         return FFNOutput(self.w2(F.silu(self.w1(x)) * self.w3(x)), None)
 
 
@@ -91,9 +92,9 @@ class ParallelBlock(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = ffn
 
-    def forward(self, x_BLD, cos, sin, mask, task_ids_BL) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BLD, cos, sin, mask, task_ids_BL, modality_ids_BL=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm(x_BLD)
-        ffn_out = self.ffn(h, task_ids_BL)
+        ffn_out = self.ffn(h, task_ids_BL, modality_ids_BL)
         return x_BLD + self.attn(h, cos, sin, mask) + ffn_out.out, ffn_out.aux_loss
 
 
@@ -159,10 +160,12 @@ class Decoder(nn.Module):
         prefix_len_B: torch.Tensor | None = None,
         inputs_embeds_BLD: torch.Tensor | None = None,
         logits_at_BL: torch.Tensor | None = None,
+        modality_ids_BL: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """`logits_at_BL` (bool) limits the LM head to those positions: most tasks score a few
         target tokens, and the head over a 4k vocabulary at every position would cost more than
-        the blocks."""
+        the blocks. `modality_ids_BL`: int64 index into MODALITIES per position, -1 at padding;
+        read by the MoE layers' route telemetry only (None = all text, no padding)."""
         B, L = tokens_BL.shape
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {L} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
@@ -172,7 +175,7 @@ class Decoder(nn.Module):
         task_ids_BL = task_ids_B[:, None].expand(B, L)  # every token carries its task to the routers
         aux_total = x.new_zeros(())
         for block in self.blocks:
-            x, aux = block(x, cos, sin, mask, task_ids_BL)
+            x, aux = block(x, cos, sin, mask, task_ids_BL, modality_ids_BL)
             if aux is not None:
                 aux_total = aux_total + aux
         if logits_at_BL is not None:

@@ -1,6 +1,6 @@
 """Evaluation: per-task metrics on a held-out split, sharded over ranks, gathered on rank 0.
 
-    pathways-mm eval CKPT [--split test] [--max-samples N] [--out FILE.json]
+    pathways-mm eval CKPT [--split test] [--max-samples N] [--out FILE.json] [--routes ROUTES.json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathways_mm.data import load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.losses import forward_loss
 from pathways_mm.model import build_model
+from pathways_mm.routing import telemetry
 from pathways_mm.tasks import Task, ensure_loaded, get_task
 
 
@@ -90,6 +91,8 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
     """One EvalRow per sample of this rank's shard."""
     indexed = list(enumerate(samples))
     mine = _shard(indexed, rank, world)
+    per = math.ceil(len(indexed) / world)
+    num_real = len(indexed[rank * per : (rank + 1) * per])  # the rest of `mine` repeats for alignment
     dev = ds_engine.device()
     need_gen = any(m in task.metrics for m in ("exact_match", "char_error_rate"))
     rows = []
@@ -99,12 +102,14 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
         examples = [task.encode(s) for _, s in chunk]
         keys = [f"{split}[{idx}]" for idx, _ in chunk]
         batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model, keys=keys).to(dev)
+        batch.modality_ids[max(0, num_real - start) :] = -1  # route telemetry counts each sample once, on one rank
         out = forward_loss(model, batch)
         gen = [None] * len(chunk)
         if need_gen:
             prompt_only = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, with_target=False,
                                   model_cfg=cfg.model, keys=keys).to(dev)
-            ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
+            with telemetry.paused(model):  # decoding re-reads the prefix each step: count it once, above
+                ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
             gen = [tok.decode(x) for x in ids]
         for j, (idx, sample) in enumerate(chunk):
             rows.append(EvalRow(idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(),
@@ -175,6 +180,11 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def routes_data(results: dict[str, Any], split: str) -> dict[str, Any]:
+    """What a routes file counted: the evaluated samples (teacher-forced; generation not counted)."""
+    return {"split": split, "samples": {name: res["n"] for name, res in results.items()}}
+
+
 def eval_ds_config() -> dict[str, Any]:
     """Inference only: no optimizer; bf16 on a GPU, float32 on a CPU."""
     ds: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
@@ -184,8 +194,13 @@ def eval_ds_config() -> dict[str, Any]:
 
 
 def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None, out: str | None = None,
-             overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Load a checkpoint (any process count), evaluate its tasks, print a table and write JSON."""
+             overrides: Sequence[str] = (), routes_out: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint (any process count), evaluate its tasks, print a table and write JSON.
+
+    routes_out: also count where the evaluated tokens go and write a routes file there.
+    """
+    from pathways_mm import routes
+
     ds_engine.pin_accelerator()
     import deepspeed
 
@@ -208,8 +223,16 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
     model = build_model(cfg.model, tok.vocab_size).to(ds_engine.device())
     engine, *_ = deepspeed.initialize(model=model, config=eval_ds_config())
     ds_engine.load_checkpoint(engine, tag_dir, with_optimizer=False)
+    if routes_out:
+        routes.start(engine)
     results = evaluate(engine, cfg, tasks, tok, rank, world, split=split, max_samples=max_samples)
     report = {"checkpoint": str(tag_dir), "step": meta["step"], "split": split or cfg.eval.split, "tasks": results}
+    if routes_out:
+        ckpt_id = {"path": str(tag_dir.resolve()), "tag": tag_dir.name, "step": meta["step"],
+                   "tokenizer_hash": meta.get("tokenizer_hash")}  # fmt: skip
+        doc = routes.finish(engine, cfg, [t.name for t in tasks], ckpt_id, routes_data(results, report["split"]))
+        if rank == 0:
+            print(f"pathways-mm: wrote {routes.write(routes_out, doc)}", file=sys.stderr)
     if rank == 0:
         print(format_table(results))
         path = Path(out) if out else tag_dir / f"eval_{report['split']}.json"

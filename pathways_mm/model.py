@@ -58,7 +58,7 @@ class PathwaysModel(nn.Module):
     def run(self, x_BLD: torch.Tensor, batch: Batch, logits_at_BL: torch.Tensor | None = None) -> DecoderOutput:
         """The decoder over already-embedded inputs (greedy decoding re-uses one embedding)."""
         return self.decoder(batch.tokens, batch.task_ids, batch.prefix_len, inputs_embeds_BLD=x_BLD,
-                            logits_at_BL=logits_at_BL)
+                            logits_at_BL=logits_at_BL, modality_ids_BL=batch.modality_ids)
 
     def forward(self, batch: Batch, logits_at_BL: torch.Tensor | None = None) -> DecoderOutput:
         return self.run(self.embed(batch), batch, logits_at_BL)

@@ -20,7 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from pathways_mm import engine as ds_engine
-from pathways_mm.config import ExperimentConfig, data_root, load_config, to_dict
+from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, data_root, load_config, to_dict
 from pathways_mm.collate import Batch, collate
 from pathways_mm.data import MixtureSampler, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
@@ -107,7 +107,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
     """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary."""
     import torch.distributed as dist
 
-    from pathways_mm.evaluate import evaluate, format_table
+    from pathways_mm.evaluate import format_table
 
     rank, world = ds_engine.init_distributed(cfg.train.threads)
     torch.manual_seed(cfg.seed)
@@ -178,7 +178,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
         if (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps) or stopping:
             ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-            last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world, train_sets=ts.train)
+            last_eval = evaluate_and_route(engine, cfg, ts, tok, rank, world, done)
             engine.train()
             if rank == 0:
                 log.write({"step": done, "eval": last_eval})
@@ -196,7 +196,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
         final = ds_engine.save_checkpoint(
             engine, ckpt_dir, cfg.train.steps, checkpoint_meta(cfg, ts, tok, cfg.train.steps), cfg.train.keep_checkpoints
         )
-    last_eval = evaluate(engine, cfg, ts.tasks, tok, rank, world, train_sets=ts.train)
+    last_eval = evaluate_and_route(engine, cfg, ts, tok, rank, world, cfg.train.steps)
     summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval,
                "train_s": round(time.time() - t0, 1), "weights_in_sync": in_sync}
     if rank == 0:
@@ -207,6 +207,23 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
             file=sys.stderr,
         )
     return summary
+
+
+def evaluate_and_route(engine, cfg: ExperimentConfig, ts: TaskSet, tok: TextTokenizer, rank: int, world: int,
+                       step: int) -> dict[str, Any]:
+    """`evaluate`; with `eval.routes`, also write where the evaluated tokens went to out_dir/routes/."""
+    from pathways_mm import routes
+    from pathways_mm.evaluate import evaluate, routes_data
+
+    if cfg.eval.routes:
+        routes.start(engine)
+    results = evaluate(engine, cfg, ts.tasks, tok, rank, world, train_sets=ts.train)
+    if cfg.eval.routes:
+        ckpt_id = {"path": None, "run_dir": str(Path(cfg.train.out_dir).resolve()), "step": step, "tokenizer_hash": tok.hash}
+        doc = routes.finish(engine, cfg, [t.name for t in ts.tasks], ckpt_id, routes_data(results, cfg.eval.split))
+        if rank == 0:
+            routes.write(Path(cfg.train.out_dir) / "routes" / f"{ds_engine.tag_for(step)}.json", doc)
+    return results
 
 
 def weights_in_sync(engine, world: int) -> bool | None:
@@ -235,9 +252,8 @@ def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextToken
             "evaluate or resume with the tokenizer it was trained with"
         )
     old, new = meta["config"]["model"], to_dict(cfg.model)
-    runtime = {"impl", "capacity_factor", "eval_capacity_factor", "ep_size", "debug_route_to", "router_jitter"}
     diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
-    diff += [f"model.moe.{k}" for k in new["moe"] if k not in runtime and old.get("moe", {}).get(k) != new["moe"][k]]
+    diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old.get("moe", {}).get(k) != new["moe"][k]]
     if resume and old.get("moe", {}).get("ep_size") != new["moe"]["ep_size"]:
         diff.append("model.moe.ep_size")
     if diff:

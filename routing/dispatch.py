@@ -90,6 +90,7 @@ class CapacityPlan(NamedTuple):
     gates_KT: torch.Tensor  # [k, tokens] float32 combine weights, 0 for dropped routes
     capacity: int
     num_dropped: torch.Tensor  # scalar, routes over capacity
+    dropped_KT: torch.Tensor  # [k, tokens] bool, True where the route was over capacity (telemetry)
 
 
 class CapacityDispatch:
@@ -135,7 +136,8 @@ class CapacityDispatch:
         # [ranks, local experts, C, D] -> [local experts, ranks * C, D]: one buffer per local expert.
         x_ECD = x_ECD.view(self.ep_size, self.num_local, capacity, -1).transpose(0, 1)
         x_ECD = x_ECD.reshape(self.num_local, self.ep_size * capacity, -1)
-        return x_ECD, CapacityPlan(slots_KT, gates_KT, capacity, (~kept_R).sum())
+        dropped_KT = ~kept_R.view(K, T)
+        return x_ECD, CapacityPlan(slots_KT, gates_KT, capacity, dropped_KT.sum(), dropped_KT)
 
     def combine(self, y_ECD: torch.Tensor, plan: CapacityPlan, route: RouterOutput, group) -> torch.Tensor:
         C = plan.capacity

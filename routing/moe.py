@@ -11,6 +11,7 @@ from torch import nn
 
 from pathways_mm.config import ModelConfig
 from pathways_mm.decoder import FFNOutput, SwiGLU
+from pathways_mm.routing import telemetry
 from pathways_mm.routing.dispatch import CapacityDispatch, DroplessDispatch
 from pathways_mm.routing.experts import GroupedExperts
 from pathways_mm.routing.router import RouterOutput, TaskRouter
@@ -90,6 +91,7 @@ class PathwaysMoE(MoE):
             self.dispatcher = DroplessDispatch(num_experts, ep_size)
         else:
             self.dispatcher = CapacityDispatch(num_experts, ep_size, capacity_factor, eval_capacity_factor, min_capacity)
+        telemetry.register(self)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "PathwaysMoE":
@@ -145,11 +147,24 @@ class PathwaysMoE(MoE):
     def combine(self, y_local: torch.Tensor, plan, route: RouterOutput) -> torch.Tensor:
         return self.dispatcher.combine(y_local, plan, route, self._group())
 
-    def moe_forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor) -> MoEOutput:
-        """The forward with routing results and dropped-route count, for telemetry."""
+    def observe(self, route: RouterOutput, plan, task_T: torch.Tensor, modality_T: torch.Tensor | None) -> None:
+        """Route telemetry (routing/telemetry.py): on-device counters, a no-op while it is off."""
+        dropped_KT = getattr(plan, "dropped_KT", None)
+        dropped_TK = None if dropped_KT is None else dropped_KT.t()
+        telemetry.record(self, route.indices_TK, route.probs_TE, task_T, modality_T, dropped_TK)
+
+    def moe_forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor,
+                    modality_ids_BL: torch.Tensor | None = None) -> MoEOutput:
+        """The forward with routing results and dropped-route count.
+
+        modality_ids_BL: index into MODALITIES per position, -1 at padding (for telemetry only;
+        None = every position is text).
+        """
         x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
-        route = self.route(x_TD, task_ids_BL.reshape(-1))
+        task_T = task_ids_BL.reshape(-1)
+        route = self.route(x_TD, task_T)
         x_local, plan = self.dispatch(x_TD, route)
+        self.observe(route, plan, task_T, None if modality_ids_BL is None else modality_ids_BL.reshape(-1))
         y_local = self.compute(x_local, plan)
         out_TD = self.combine(y_local, plan, route)
         aux = self.balance_coef * route.balance_loss + self.z_loss_coef * route.z_loss
@@ -157,8 +172,9 @@ class PathwaysMoE(MoE):
         dropped = route.z_loss.new_zeros((), dtype=torch.long) if dropped is None else dropped
         return MoEOutput(out_TD.view_as(x_BLD), aux, route, dropped)
 
-    def forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor) -> FFNOutput:  # type: ignore[override]
-        out = self.moe_forward(x_BLD, task_ids_BL)
+    def forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor,  # type: ignore[override]
+                modality_ids_BL: torch.Tensor | None = None) -> FFNOutput:
+        out = self.moe_forward(x_BLD, task_ids_BL, modality_ids_BL)
         return FFNOutput(out.out, out.aux_loss)
 
 

@@ -41,6 +41,7 @@ def test_configs_are_frozen_and_keyword_only():
         ("model: {n_heads: 3}\n", r"divisible by model.n_heads"),
         ("model: {moe: {num_experts: 4, top_k: 5}}\n", r"top_k \(5\) must be between 1 and num_experts \(4\)"),
         ("model: {moe: {num_experts: 6, ep_size: 4}}\n", r"num_experts \(6\) must be divisible by model.moe.ep_size \(4\)"),
+        ("eval: {routes: true}\n", r"eval.routes: a dense model has no routes"),
         ("[1, 2]\n", r"expected a mapping"),
         ("train: [\n", r"not valid YAML"),
     ],

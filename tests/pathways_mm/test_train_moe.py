@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, read_metrics, run_cli
@@ -49,21 +50,32 @@ def test_moe_trains_in_one_process(tmp_path, data_dir):
 @pytest.mark.parametrize("impl", ["grouped", "deepspeed"])
 def test_expert_parallel_training_then_eval_in_one_process(impl, tmp_path, data_dir):
     out = tmp_path / f"ep2-{impl}"
+    # eval.batch_size 3: each rank's 3 samples form the same batch as in the one-process eval below
+    same_eval = ["--set", "eval.batch_size=3", "--set", "eval.routes=true"]
     res = deepspeed_launch(2, ["--config", MOE_CFG, "--set", "model.moe.ep_size=2", "--set", f"model.moe.impl={impl}",
-                               "--set", "train.steps=3", "--set", "eval.max_samples=6", "--set", f"train.out_dir={out}"],
-                           data_dir)
+                               "--set", "train.steps=3", "--set", "eval.max_samples=6", "--set", f"train.out_dir={out}",
+                               *same_eval], data_dir)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     final = read_metrics(out)[-1]
     assert final["weights_in_sync"] is True
     tag = out / "checkpoints" / "step_0000003"
     expert_files = sorted(p.name for p in tag.glob("*expert_*"))
     assert len(expert_files) == 4 * 1  # 4 global experts x 1 MoE layer, one file each
-    report = tmp_path / "eval.json"
-    res = run_cli(["eval", out, "--max-samples", "6", "--out", report], data_dir)  # ep_size 2 -> 1
+    report, routes_1 = tmp_path / "eval.json", tmp_path / "routes.json"
+    res = run_cli(["eval", out, "--max-samples", "6", "--out", report, "--routes", routes_1, "--set", "eval.batch_size=3",
+                   "--set", "train.threads=1"], data_dir)  # ep_size 2 -> 1
     assert res.returncode == 0, res.stderr
     ev = json.loads(report.read_text())["tasks"]
     # the same weights give the same held-out loss whatever the process count
     assert ev["text_lm"]["loss"] == pytest.approx(final["eval"]["text_lm"]["loss"], rel=1e-4)
+    # ... and send the same tokens to the same experts: counts gathered over 2 ranks = one process's
+    one, two = json.loads(routes_1.read_text()), json.loads((out / "routes" / "step_0000003.json").read_text())
+    assert one["model"]["hash"] == two["model"]["hash"] and one["checkpoint"]["step"] == two["checkpoint"]["step"] == 3
+    assert one["data"]["samples"] == two["data"]["samples"] == {"text_lm": 6, "text_arith": 6}
+    for a, b in zip(one["layers"], two["layers"], strict=True):
+        assert a["tokens"] == b["tokens"] and a["routes"] == b["routes"] and a["dropped"] == b["dropped"]
+        assert sum(map(sum, a["tokens"])) > 100
+        np.testing.assert_allclose(a["entropy_sum"], b["entropy_sum"], rtol=1e-5)
 
 
 @pytest.mark.distributed
