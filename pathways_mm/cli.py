@@ -7,21 +7,22 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from pathways_mm.errors import ConfigError
+from pathways_mm.errors import ConfigError, TrainingAborted
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:
-    """Run `fn`; a user error becomes `pathways-mm: error: ...` on stderr and exit status 2."""
+    """Run `fn`; a user error becomes `pathways-mm: error: ...` on stderr and exit status 2,
+    an aborted run (a silent rank, too many non-finite steps) the same line and status 1."""
     try:
         fn()
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, TrainingAborted) as e:
         if os.environ.get("PMM_TRACEBACK"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"pathways-mm: error: {msg}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, TrainingAborted) else 2
     except KeyboardInterrupt:
         print("pathways-mm: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -140,6 +141,10 @@ class TrainConfig:
     out_dir: str = "runs/default"
     ds_config: str = "../ds/cpu.json"  # relative to the experiment file
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    # Longest wait in any collective once training starts: a rank that stops answering fails the run after this long
+    # (plus as long again to learn which rank it was) instead of hanging it.
+    collective_timeout_s: float = 300.0
+    max_bad_steps: int = 5  # non-finite loss/gradient steps in a row (each skipped) before the run stops
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,7 +225,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
@@ -255,7 +266,7 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
 
 def _apply_size(data: dict[str, Any], path: str) -> dict[str, Any]:
     size = data.get("size", ModelConfig.size)
-    if size not in SIZES:
+    if not isinstance(size, str) or size not in SIZES:
         close = difflib.get_close_matches(str(size), SIZES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ConfigError(f"{path}.size: unknown model size {size!r}; {hint}choose one of {', '.join(SIZES)}")
@@ -313,8 +324,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (give the path of an experiment YAML, e.g. configs/experiments/demo.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
@@ -325,6 +336,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field checks that a type check cannot make."""
     m = cfg.model
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_tasks"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     if m.n_heads % m.n_kv_heads:
@@ -345,9 +359,22 @@ def validate(cfg: ExperimentConfig) -> None:
     t = cfg.train
     if t.loss_norm not in ("example", "token"):
         raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example' or 'token'")
-    for key in ("steps", "micro_batch_size", "grad_accum", "log_every"):
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_bad_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
+    for key in ("eval_every", "save_every", "keep_checkpoints", "threads", "warmup_steps"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError("train.collective_timeout_s must be > 0 (seconds a collective may wait for a peer)")
+    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.lr must be > 0 and train.min_lr_ratio within [0, 1]")
+    if cfg.data.max_len < 2:
+        raise ConfigError(f"data.max_len must be >= 2 (a prompt token and a target token), got {cfg.data.max_len}")
+    if cfg.eval.batch_size < 1 or cfg.eval.max_samples < 0:
+        raise ConfigError("eval.batch_size must be >= 1 and eval.max_samples >= 0 (0 = all)")
+    if any(w < 0 for w in cfg.mixture.weights.values()):
+        raise ConfigError("mixture.weights: a task weight must be >= 0")
     if cfg.data.max_len > m.max_seq_len:
         raise ConfigError(f"data.max_len ({cfg.data.max_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     e = m.moe

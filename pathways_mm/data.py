@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pathways_mm.errors import ConfigError
-from pathways_mm.tasks.base import Task
+from pathways_mm.tasks.base import MultimodalExample, Task
 
 
 
@@ -31,16 +31,56 @@ def load_split(task: Task, split: str, root: Path, seed: int) -> list[Any]:
     path = split_path(task, split, root, seed)
     task.bind(Path(root), seed)
     if path.is_file():
-        with path.open() as f:
-            return [json.loads(line) for line in f]
+        return _read_cache(path)
     samples = list(task.build_dataset(split, Path(root), seed))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for s in samples:
-            f.write(json.dumps(s, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # a half-written split is never read
+    try:
+        with os.fdopen(fd, "w") as f:
+            for s in samples:
+                f.write(json.dumps(s, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a half-written split is never read
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return samples
+
+
+def _read_cache(path: Path) -> list[Any]:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: damaged after it was written
+        raise ConfigError(f"{path}: damaged dataset cache ({type(e).__name__}); delete it and it is rebuilt") from None
+
+
+def encode(task: Task, sample: Any) -> MultimodalExample:
+    """`task.encode(sample)`, with a malformed sample reported as a ConfigError naming the task."""
+    try:
+        ex = task.encode(sample)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(
+            f"task '{task.name}': cannot encode sample {str(sample)[:80]!r} ({type(e).__name__}: {e}); "
+            f"if it came from the dataset cache under {task.name}/, delete that file to rebuild it"
+        ) from None
+    _check_example(ex, task.name)
+    return ex
+
+
+def _check_example(ex: Any, where: str) -> None:
+    ok = (
+        isinstance(ex, MultimodalExample)
+        and isinstance(ex.target_text, str)
+        and isinstance(ex.segments, (tuple, list))
+        and all(isinstance(seg, (tuple, list)) and len(seg) == 2 and isinstance(seg[0], str) for seg in ex.segments)
+    )
+    if not ok:
+        raise ConfigError(
+            f"task '{where}': encode must return MultimodalExample(segments=((modality, raw), ...), target_text=str), "
+            f"got {str(ex)[:120]}"
+        )
 
 
 class MixtureSampler:

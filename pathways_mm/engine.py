@@ -10,16 +10,25 @@ import math
 import os
 import shutil
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pathways_mm import checkpoint as ckpt
+from pathways_mm import faults
+from pathways_mm.checkpoint import (  # noqa: F401  (re-exported: training and evaluation call them through engine)
+    META_FILE,
+    gather,
+    newest_intact,
+    rank_world,
+    read_meta,
+    resolve_checkpoint,
+    tag_for,
+)
 from pathways_mm.config import ExperimentConfig, resolve_relative
 from pathways_mm.errors import ConfigError
-
-META_FILE = "pmm_meta.json"
-TAG_PREFIX = "step_"
 
 
 def free_port() -> int:
@@ -50,7 +59,11 @@ def pin_accelerator() -> None:
 
 
 def init_distributed(threads: int = 0) -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world)."""
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world).
+
+    The groups keep torch's long default timeout through start-up (the rendezvous, rank 0
+    building datasets while the others wait); `bound_all_groups` then sets the run's bound.
+    """
     pin_accelerator()
     import deepspeed
     import torch.distributed as dist
@@ -196,68 +209,131 @@ def initialize(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     groups = param_groups(model, cfg.train.weight_decay)
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler)
+    bound_all_groups(cfg.train.collective_timeout_s)
     return engine
 
 
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:07d}"
+def bound_all_groups(timeout_s: float) -> None:
+    """Give every process group the run's collective timeout (once the engine made its groups).
+
+    Groups made by `new_group` (DeepSpeed's expert-parallel groups) take torch's default of
+    30 minutes, not the world group's timeout, so an all-to-all with a dead peer would block that long.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        return
+    for group in list(c10d._world.pg_map):
+        if group is not dist.GroupMember.NON_GROUP_MEMBER:
+            c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
+
+
+def grads_finite(engine, loss: torch.Tensor) -> torch.Tensor:
+    """Whether this rank's loss and every gradient are finite: a 0-dim bool tensor on the device.
+
+    Reads `p.grad`, where ZeRO stage 0 keeps gradients; under ZeRO 1/2 they move into DeepSpeed's
+    flat partitions after backward, so there only the loss is checked here.
+    """
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    total = torch.stack([g.float().abs().sum() for g in grads]).sum() if grads else loss.new_zeros(())
+    return torch.isfinite(total + loss.detach().float())
+
+
+def agree_all_finite(ok: torch.Tensor) -> bool:
+    """True only if every rank saw finite values: all ranks skip or step together."""
+    import torch.distributed as dist
+
+    flag = ok.to(torch.int32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def skip_step(engine) -> None:
+    """Close this step without touching weights, optimizer moments or the LR schedule.
+
+    DeepSpeed's own fp16 overflow path: `engine.step()` runs (so its micro-step and boundary
+    counters stay right and the gradients are zeroed), the optimizer's update is a no-op, and
+    an `overflow` flag makes DeepSpeed count the step as skipped and hold the LR scheduler.
+    """
+    opt = engine.optimizer
+    saved = {k: opt.__dict__[k] for k in ("step", "overflow") if k in opt.__dict__}
+    opt.step = lambda *args, **kwargs: None
+    opt.overflow = True
+    try:
+        engine.step()
+    finally:
+        for k in ("step", "overflow"):
+            opt.__dict__.pop(k, None)
+        opt.__dict__.update(saved)
+
+
+def inject_nan_grad(engine) -> None:
+    """Test fault: one NaN in the first gradient (after DeepSpeed's gradient all-reduce)."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.view(-1)[0] = float("nan")
+            return
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """`engine.save_checkpoint` plus our metadata (config, task table, tokenizer hash) beside it."""
+    """Write, verify, then publish: DeepSpeed's files and our metadata, then a checksum manifest.
+
+    Until the manifest is written (last, atomically, after every rank finished writing), the
+    tag dir is an unfinished save that resume and eval skip; a rank killed mid-save loses
+    nothing but this checkpoint.
+    """
     import torch.distributed as dist
 
+    rank, world = rank_world()
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"pmm_meta": meta, "step": step})
-    if dist.get_rank() == 0:
-        path = ckpt_dir / tag / META_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-        _prune(ckpt_dir, keep)
+    tag_dir = ckpt_dir / tag
+    if rank == 0 and tag_dir.exists():  # an unfinished save of this step, or a re-save
+        latest = ckpt_dir / ckpt.LATEST
+        if latest.is_file() and latest.read_text().strip() == tag:
+            latest.unlink()
+        shutil.rmtree(tag_dir)
     dist.barrier()
-    return ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"pmm_meta": meta, "step": step}, save_latest=False)
+    if rank == 0:
+        ckpt.atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    faults.maybe_die("kill_during_save", step, rank)
+    dist.barrier()  # every rank's files are complete
+    names = ckpt.list_files(tag_dir)
+    files = {k: v for part in gather(ckpt.hash_files(tag_dir, names[rank::world])) for k, v in part.items()}
+    if rank == 0:
+        ckpt.publish(tag_dir, step, files)
+        ckpt.prune(ckpt_dir, keep)
+    dist.barrier()
+    return tag_dir
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _weights_only_load(path: str, map_location=None):
+    """What DeepSpeed's checkpoint engine loads with: tensors and plain containers only.
 
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run dir, its checkpoints/ dir, or one tag dir -> the tag dir holding pmm_meta.json."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"checkpoint not found: {p} (give a run directory such as runs/demo, or one of its checkpoints)")
-    if (p / META_FILE).is_file():
-        return p
-    for cand in (p, p / "checkpoints"):
-        latest = cand / "latest"
-        if latest.is_file():
-            tag_dir = cand / latest.read_text().strip()
-            if (tag_dir / META_FILE).is_file():
-                return tag_dir
-    raise ConfigError(f"no pathways-mm checkpoint in {p} (expected {META_FILE} or a 'latest' file under {p}/checkpoints)")
-
-
-def read_meta(tag_dir: Path) -> dict[str, Any]:
+    DeepSpeed 0.19.8 calls torch.load(weights_only=False), which runs any callable pickled
+    into a file; a checkpoint from someone else must not be able to run code here.
+    """
     try:
-        return json.loads((tag_dir / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{tag_dir / META_FILE}: unreadable checkpoint metadata ({e})") from None
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for a damaged zip
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: refused to load ({type(e).__name__}: {reason})") from None
 
 
 def load_checkpoint(engine, tag_dir: Path, with_optimizer: bool = True) -> None:
     """Load one tag dir into the engine (module, and optimizer/scheduler when resuming)."""
-    load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent),
-        tag=tag_dir.name,
-        load_optimizer_states=with_optimizer,
-        load_lr_scheduler_states=with_optimizer,
-        load_module_only=not with_optimizer,
-    )
+    engine.checkpoint_engine.load = _weights_only_load
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(tag_dir.parent),
+            tag=tag_dir.name,
+            load_optimizer_states=with_optimizer,
+            load_lr_scheduler_states=with_optimizer,
+            load_module_only=not with_optimizer,
+        )
+    except (RuntimeError, KeyError) as e:  # a state dict that does not fit this model
+        raise ConfigError(f"{tag_dir}: does not fit this model ({str(e).strip().splitlines()[0]:.300})") from None
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint in {tag_dir}")

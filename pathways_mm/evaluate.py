@@ -15,9 +15,10 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from pathways_mm import engine as ds_engine
+from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
 from pathways_mm.collate import Batch, collate
-from pathways_mm.data import load_split
+from pathways_mm.data import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.losses import forward_loss
 from pathways_mm.model import build_model
@@ -99,7 +100,7 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
     bs = cfg.eval.batch_size
     for start in range(0, len(mine), bs):
         chunk = mine[start : start + bs]
-        examples = [task.encode(s) for _, s in chunk]
+        examples = [encode(task, s) for _, s in chunk]
         keys = [f"{split}[{idx}]" for idx, _ in chunk]
         batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model, keys=keys).to(dev)
         batch.modality_ids[max(0, num_real - start) :] = -1  # route telemetry counts each sample once, on one rank
@@ -209,19 +210,23 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
 
     tag_dir = ds_engine.resolve_checkpoint(ckpt)
     meta = ds_engine.read_meta(tag_dir)
-    cfg = config_from_dict(merge_dicts(meta["config"], parse_overrides(list(overrides))), source=meta["config"].get("source"))
+    user = parse_overrides(list(overrides))
+    source = meta["config"].get("source")
+    cfg = config_from_dict(merge_dicts(meta["config"], user), source=source if isinstance(source, str) else None)
     rank, world = ds_engine.init_distributed(cfg.train.threads)
     moe = cfg.model.moe
     if moe.num_experts and (moe.ep_size > world or world % moe.ep_size):
         # Experts are stored one file each, so any ep_size that fits this run can load them.
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, ep_size=1)))
     tok = load_tokenizer()
-    check_compatible(meta, cfg, tok)
-    ensure_loaded(cfg.plugins)
+    check_compatible(meta, cfg, tok, where=str(tag_dir / ds_engine.META_FILE))
+    # Only plugins the user names are imported: a checkpoint from someone else must not choose code to run.
+    ensure_loaded(cfg.plugins if "plugins" in user else ())
     table = meta["task_table"]
     tasks = [get_task(name) for name in sorted(table, key=table.get)]
     model = build_model(cfg.model, tok.vocab_size).to(ds_engine.device())
     engine, *_ = deepspeed.initialize(model=model, config=eval_ds_config())
+    ds_engine.bound_all_groups(cfg.train.collective_timeout_s)
     ds_engine.load_checkpoint(engine, tag_dir, with_optimizer=False)
     if routes_out:
         routes.start(engine)
@@ -237,6 +242,6 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
         print(format_table(results))
         path = Path(out) if out else tag_dir / f"eval_{report['split']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        atomic_write_text(path, json.dumps(report, indent=2))
         print(f"pathways-mm: wrote {path}", file=sys.stderr)
     return report

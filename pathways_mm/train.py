@@ -20,11 +20,13 @@ import yaml
 from tqdm import tqdm
 
 from pathways_mm import engine as ds_engine
-from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, data_root, load_config, to_dict
+from pathways_mm import faults
+from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import Batch, collate
-from pathways_mm.data import MixtureSampler, load_split
+from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, data_root, load_config, to_dict
+from pathways_mm.data import MixtureSampler, encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
-from pathways_mm.errors import ConfigError
+from pathways_mm.errors import ConfigError, TrainingAborted
 from pathways_mm.losses import forward_loss
 from pathways_mm.model import build_model, param_counts
 from pathways_mm.tasks import Task, ensure_loaded, get_task
@@ -69,7 +71,7 @@ def make_sampler(cfg: ExperimentConfig, ts: TaskSet) -> MixtureSampler:
 
 def train_batch(cfg, ts: TaskSet, sampler: MixtureSampler, tok: TextTokenizer, step: int, micro: int, rank: int) -> Batch:
     picks = sampler.draw(cfg.train.micro_batch_size, step, micro, rank)
-    examples = [ts.tasks[t].encode(ts.train[t][i]) for t, i in picks]
+    examples = [encode(ts.tasks[t], ts.train[t][i]) for t, i in picks]
     keys = [f"train[{i}]" for _, i in picks]
     # augmentation comes from the batch key too: a resumed run redraws exactly the same batch
     rng = np.random.default_rng([cfg.seed, step, micro, rank, 1])
@@ -88,15 +90,26 @@ def checkpoint_meta(cfg: ExperimentConfig, ts: TaskSet, tok: TextTokenizer, step
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, records after the resumed step are dropped (they are redone)."""
+    """Append-only JSONL; on resume, records after the resumed step are dropped (they are redone).
+
+    A record torn by a kill mid-write is dropped too; the rewrite is atomic, so a second kill
+    cannot lose the records before it.
+    """
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is None:
-            path.write_text("")
+            atomic_write_text(path, "")
         elif path.exists():
-            keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            path.write_text("".join(l + "\n" for l in keep))
+            keep = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    keep.append(line)
+            atomic_write_text(path, "".join(l + "\n" for l in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -104,24 +117,34 @@ class MetricsLog:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary."""
+    """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary.
+
+    A peer that stops answering ends the run with TrainingAborted naming the rank and the step.
+    """
+    from pathways_mm.watchdog import CollectiveGuard
+
+    rank, world = ds_engine.init_distributed(cfg.train.threads)
+    with CollectiveGuard(rank, world, cfg.train.collective_timeout_s) as guard:
+        return _run(cfg, rank, world, guard, resume, stop_after)
+
+
+def _run(cfg: ExperimentConfig, rank: int, world: int, guard, resume: bool, stop_after: int | None) -> dict[str, Any]:
     import torch.distributed as dist
 
     from pathways_mm.evaluate import format_table
 
-    rank, world = ds_engine.init_distributed(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     resume_from, resume_meta = None, None
     if resume:
-        resume_from = ds_engine.resolve_checkpoint(out_dir) if ckpt_dir.exists() else None
+        resume_from = ds_engine.newest_intact(ckpt_dir)  # skips unfinished saves, falls back past damaged ones
         if resume_from is None and rank == 0:
             print(f"pathways-mm: no checkpoint under {ckpt_dir}; starting from step 0", file=sys.stderr)
     tok = load_tokenizer()
     if resume_from is not None:
         resume_meta = ds_engine.read_meta(resume_from)
-        check_compatible(resume_meta, cfg, tok, resume=True)
+        check_compatible(resume_meta, cfg, tok, resume=True, where=str(resume_from / ds_engine.META_FILE))
     ts = load_tasks(cfg, rank)
     model = build_model(cfg.model, tok.vocab_size)
     engine = ds_engine.initialize(model, cfg, world)
@@ -133,7 +156,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
     dev = ds_engine.device()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log = MetricsLog(out_dir / "metrics.jsonl", start if resume_from is not None else None)
         n_total, n_active = param_counts(model)
         print(
@@ -143,22 +166,48 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
             file=sys.stderr,
         )
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-    window = torch.zeros(2, dtype=torch.float64, device=dev)  # summed loss, micro-steps (no host sync per step)
+    window = torch.zeros(2, dtype=torch.float64, device=dev)  # summed loss, micro-steps (read at log steps only)
     task_nll = torch.zeros(len(ts.tasks), dtype=torch.float64, device=dev)
     task_tok = torch.zeros(len(ts.tasks), dtype=torch.float64, device=dev)
+    bad_in_a_row = 0
     t0 = time.time()
     engine.train()
     for step in range(start, cfg.train.steps):
+        guard.step = done = step + 1
+        faults.maybe_die("hang", done, rank)
+        micro_stats = []
         for micro in range(cfg.train.grad_accum):
             batch = train_batch(cfg, ts, sampler, tok, step, micro, rank).to(dev)
             out = forward_loss(engine, batch, cfg.train.loss_norm)
             engine.backward(out.loss)
+            if micro + 1 < cfg.train.grad_accum:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+            micro_stats.append((out.lm_loss.detach(), batch.task_ids, out.nll_B, out.num_tokens_B))
+        faults.maybe_die("kill", done, rank)
+        if faults.hit("nan_grad", done, rank):
+            ds_engine.inject_nan_grad(engine)
+        # Every rank must agree, or one rank's update would leave the replicas out of sync. The one
+        # host sync per step this costs is what DeepSpeed's fp16 overflow check costs too.
+        if ds_engine.agree_all_finite(ds_engine.grads_finite(engine, out.loss)):
             engine.step()
-            window += torch.stack([out.lm_loss.detach().double(), window.new_ones(())])
-            task_nll.index_add_(0, batch.task_ids, out.nll_B.double())
-            task_tok.index_add_(0, batch.task_ids, out.num_tokens_B.double())
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            bad_in_a_row = 0
+            for lm_loss, task_ids, nll_B, num_tokens_B in micro_stats:
+                window += torch.stack([lm_loss.double(), window.new_ones(())])
+                task_nll.index_add_(0, task_ids, nll_B.double())
+                task_tok.index_add_(0, task_ids, num_tokens_B.double())
+        else:
+            ds_engine.skip_step(engine)
+            bad_in_a_row += 1
+            if rank == 0:  # DeepSpeed keeps the count in its checkpoints, so it survives a resume
+                log.write({"step": done, "skipped": "non-finite loss or gradient", "skipped_steps": engine.skipped_steps})
+                print(f"pathways-mm: step {done}: non-finite loss or gradient; step skipped", file=sys.stderr)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingAborted(
+                    f"{bad_in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); lower train.lr or check the data, "
+                    "then continue from the last checkpoint with --resume"
+                )
+        if (done % cfg.train.log_every == 0 or done == cfg.train.steps) and window[1] > 0:
             stats = torch.cat([window, task_nll, task_tok])
             dist.all_reduce(stats)
             stats = stats.cpu()
@@ -172,7 +221,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = No
             task_tok.zero_()
             if rank == 0:
                 lr = engine.get_lr()[0]
-                log.write({"step": done, "loss": loss, "task_loss": per_task, "lr": lr, "elapsed_s": round(time.time() - t0, 2)})
+                log.write({"step": done, "loss": loss, "task_loss": per_task, "lr": lr, "skipped_steps": engine.skipped_steps,
+                           "elapsed_s": round(time.time() - t0, 2)})
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         stopping = stop_after is not None and stop_after <= done < cfg.train.steps
         if (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps) or stopping:
@@ -239,28 +289,31 @@ def weights_in_sync(engine, world: int) -> bool | None:
     return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
 
 
-def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer, resume: bool = False) -> None:
+def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer, resume: bool = False,
+                     where: str = "checkpoint") -> None:
     """A checkpoint must match the model shape, the task table and the tokenizer of this run.
 
     Runtime choices of the MoE layers (impl, capacity, ep_size) may differ, since the weights
     are stored per expert; only a resume needs the same ep_size (the optimizer state is split
     by expert-parallel rank).
+    `where` (the metadata file) starts every error message.
     """
     if meta.get("tokenizer_hash") != tok.hash:
         raise ConfigError(
-            f"checkpoint tokenizer {meta.get('tokenizer_hash')} differs from this install's {tok.hash}; "
+            f"{where}: checkpoint tokenizer {meta.get('tokenizer_hash')!r} differs from this install's {tok.hash}; "
             "evaluate or resume with the tokenizer it was trained with"
         )
     old, new = meta["config"]["model"], to_dict(cfg.model)
     diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
-    diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old.get("moe", {}).get(k) != new["moe"][k]]
-    if resume and old.get("moe", {}).get("ep_size") != new["moe"]["ep_size"]:
+    old_moe = old.get("moe") if isinstance(old.get("moe"), dict) else {}
+    diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old_moe.get(k) != new["moe"][k]]
+    if resume and old_moe.get("ep_size") != new["moe"]["ep_size"]:
         diff.append("model.moe.ep_size")
     if diff:
-        raise ConfigError(f"checkpoint model differs from the config in {', '.join(diff)}")
+        raise ConfigError(f"{where}: checkpoint model differs from the config in {', '.join(diff)}")
     table = {name: i for i, name in enumerate(cfg.tasks)}
     if meta["task_table"] != table:
-        raise ConfigError(f"checkpoint task table {meta['task_table']} differs from the config's {table}")
+        raise ConfigError(f"{where}: checkpoint task table {meta['task_table']} differs from the config's {table}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

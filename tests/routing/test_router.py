@@ -120,3 +120,21 @@ def test_router_gradients_reach_prior_and_weights():
     assert router.wg.weight.grad.abs().sum() > 0
     assert router.pathway.grad[[0, 2]].abs().sum() > 0
     assert (router.pathway.grad[1] == 0).all(), "an absent task's prior got a gradient"
+
+
+def test_bf16_router_picks_what_float32_math_picks_and_z_loss_shrinks_logits():
+    torch.manual_seed(0)
+    router = TaskRouter(64, 8, 2, 2).to(torch.bfloat16)
+    x = (torch.randn(256, 64) * 30).to(torch.bfloat16)  # large activations, as late in a long bf16 run
+    task = torch.zeros(256, dtype=torch.long)
+    out = router(x, task)
+    ref = torch.nn.functional.linear(x.float(), router.wg.weight.float()).topk(2, dim=-1).indices
+    assert torch.equal(out.indices_TK, ref)
+    bf16 = torch.nn.functional.linear(x, router.wg.weight).topk(2, dim=-1).indices
+    assert not torch.equal(bf16, ref)  # bf16 router math would have sent some tokens elsewhere
+    assert torch.isfinite(out.z_loss) and out.z_loss.dtype == torch.float32
+    before = out.z_loss.item()
+    out.z_loss.backward()
+    with torch.no_grad():
+        router.wg.weight -= 0.01 * router.wg.weight.grad.sign()
+    assert router(x, task).z_loss.item() < before  # z-loss pulls router logits back toward zero
