@@ -9,6 +9,7 @@ SpecAugment) is drawn here from the caller's generator, so a batch is a pure fun
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -157,3 +158,30 @@ def collate(
         batch.audio_slots = _slots(clip_at, L)
         batch.audio_masks = torch.tensor(clip_masks, dtype=torch.long) if rng is not None else None
     return batch
+
+
+
+def prompt_only(batch: Batch, pad_id: int) -> Batch:
+    """`batch` cut to each row's prefix (task token, media, prompt): where greedy decoding starts.
+
+    The batch `collate(..., with_target=False)` gives, without tokenising the text and preparing
+    the media a second time.
+    """
+    B, L = batch.tokens.shape
+    Lp = int(batch.prefix_len.max())
+    beyond_BL = torch.arange(Lp, device=batch.tokens.device)[None] >= batch.prefix_len[:, None]
+
+    def reslot(slots: torch.Tensor | None) -> torch.Tensor | None:  # flat b*L + l -> b*Lp + l
+        return None if slots is None else torch.where(slots >= 0, slots // L * Lp + slots % L, slots)
+
+    return dataclasses.replace(
+        batch,
+        tokens=batch.tokens[:, :Lp].masked_fill(beyond_BL, pad_id),
+        lengths=batch.prefix_len.clone(),
+        labels=torch.full_like(batch.labels[:, :Lp], IGNORE),
+        target_bytes=torch.zeros_like(batch.target_bytes),
+        modality_ids=batch.modality_ids[:, :Lp].masked_fill(beyond_BL, PAD_MODALITY),
+        markers=batch.markers[:, :Lp].masked_fill(beyond_BL, -1),
+        image_slots=reslot(batch.image_slots),
+        audio_slots=reslot(batch.audio_slots),
+    )

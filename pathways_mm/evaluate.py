@@ -17,7 +17,7 @@ import torch
 from pathways_mm import engine as ds_engine
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
-from pathways_mm.collate import Batch, collate
+from pathways_mm.collate import Batch, collate, prompt_only
 from pathways_mm.data import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.losses import forward_loss
@@ -68,11 +68,14 @@ def greedy_generate(model, batch: Batch, max_new_tokens: int, eos_id: int, pad_i
     return out
 
 
-def _shard(items: list[Any], rank: int, world: int) -> list[Any]:
-    """Every rank gets the same number of items (the last ones repeat) so collectives line up."""
+def _shard(items: list[Any], rank: int, world: int) -> tuple[list[Any], int]:
+    """Every rank gets the same number of items (the last ones repeat) so collectives line up.
+
+    Returns the items and how many of them are this rank's own (the rest are repeats).
+    """
     per = math.ceil(len(items) / world)
     mine = items[rank * per : (rank + 1) * per]
-    return mine + [items[-1]] * (per - len(mine)) if mine else [items[-1]] * per
+    return (mine + [items[-1]] * (per - len(mine)) if mine else [items[-1]] * per), len(mine)
 
 
 class EvalRow(NamedTuple):
@@ -91,9 +94,7 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
                   world: int, split: str) -> list[EvalRow]:
     """One EvalRow per sample of this rank's shard."""
     indexed = list(enumerate(samples))
-    mine = _shard(indexed, rank, world)
-    per = math.ceil(len(indexed) / world)
-    num_real = len(indexed[rank * per : (rank + 1) * per])  # the rest of `mine` repeats for alignment
+    mine, num_real = _shard(indexed, rank, world)
     dev = ds_engine.device()
     need_gen = any(m in task.metrics for m in ("exact_match", "char_error_rate"))
     rows = []
@@ -103,14 +104,13 @@ def _task_results(model, task: Task, tid: int, samples: list[Any], cfg, tok: Tex
         examples = [encode(task, s) for _, s in chunk]
         keys = [f"{split}[{idx}]" for idx, _ in chunk]
         batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model, keys=keys).to(dev)
+        prompts = prompt_only(batch, tok.pad_id) if need_gen else None
         batch.modality_ids[max(0, num_real - start) :] = -1  # route telemetry counts each sample once, on one rank
         out = forward_loss(model, batch)
         gen = [None] * len(chunk)
         if need_gen:
-            prompt_only = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, with_target=False,
-                                  model_cfg=cfg.model, keys=keys).to(dev)
             with telemetry.paused(model):  # decoding re-reads the prefix each step: count it once, above
-                ids = greedy_generate(model, prompt_only, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
+                ids = greedy_generate(model, prompts, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
             gen = [tok.decode(x) for x in ids]
         for j, (idx, sample) in enumerate(chunk):
             rows.append(EvalRow(idx, out.nll_B[j].item(), out.num_tokens_B[j].item(), batch.target_bytes[j].item(),

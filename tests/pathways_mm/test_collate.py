@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
-from pathways_mm.collate import AUDIO, IGNORE, IMAGE, PAD_MODALITY, TEXT, collate, marker_id
+from pathways_mm.collate import AUDIO, IGNORE, IMAGE, PAD_MODALITY, TEXT, collate, marker_id, prompt_only
 from pathways_mm.config import ModelConfig
 from pathways_mm.encoders.audio import Audio, num_audio_tokens
 from pathways_mm.encoders.text import load_tokenizer
@@ -61,6 +63,15 @@ def test_layout_of_the_multimodal_sentence():
     target = TOK.encode("yes") + [TOK.eos_id]
     scored = batch.labels[0][batch.labels[0] != IGNORE].tolist()
     assert scored == target
+
+
+def test_prompt_only_is_what_collate_gives_without_targets():
+    full = collate(examples(), [0, 1, 2], TOK, 128, model_cfg=CFG)
+    want = collate(examples(), [0, 1, 2], TOK, 128, model_cfg=CFG, with_target=False)
+    got = prompt_only(full, TOK.pad_id)
+    for f in fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        assert (a is None and b is None) or torch.equal(a, b), f.name
 
 
 def test_training_augmentation_is_a_function_of_the_generator():

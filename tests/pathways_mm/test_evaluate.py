@@ -31,9 +31,11 @@ def test_bits_per_byte_is_corpus_level():
 @pytest.mark.parametrize("n,world", [(5, 2), (4, 2), (1, 2), (7, 3)])
 def test_shards_have_equal_length_and_cover_everything(n, world):
     items = list(range(n))
-    shards = [_shard(items, r, world) for r in range(world)]
+    shards, own = zip(*(_shard(items, r, world) for r in range(world)))
     assert len({len(s) for s in shards}) == 1  # every rank runs the same number of forwards
     assert set().union(*shards) == set(items)
+    assert sum(own) == n and all(list(s[:k]) == items[sum(own[:r]) : sum(own[: r + 1])]
+                                 for r, (s, k) in enumerate(zip(shards, own)))  # each item is one rank's own once
 
 
 @pytest.mark.parametrize("a,b,d", [("", "", 0), ("123", "123", 0), ("123", "13", 1), ("12", "21", 2), ("", "abc", 3)])
