@@ -17,7 +17,7 @@ import torch
 from pathways_mm import engine as ds_engine
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
-from pathways_mm.collate import Batch, collate, prompt_only
+from pathways_mm.collate import PAD_MODALITY, TEXT, Batch, collate, prompt_only
 from pathways_mm.data import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.losses import forward_loss
@@ -57,6 +57,9 @@ def greedy_generate(model, batch: Batch, max_new_tokens: int, eos_id: int, pad_i
         nxt = net.run(x_BLD, step, last_BL).logits.argmax(-1)  # [B]: row-major order is row order
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         step.tokens = torch.cat([step.tokens, torch.full((B, 1), pad_id, dtype=step.tokens.dtype, device=dev)], dim=1)
+        # route telemetry reads one modality id per position: a generated token is text, the rest padding
+        step.modality_ids = torch.cat([step.modality_ids, torch.full_like(step.modality_ids[:, :1], PAD_MODALITY)], dim=1)
+        step.modality_ids[rows, lengths] = TEXT
         step.tokens[rows, lengths] = nxt
         x_BLD = torch.cat([x_BLD, x_BLD.new_zeros(B, 1, x_BLD.shape[-1])], dim=1)
         x_BLD[rows, lengths] = net.decoder.tok_embed(nxt).to(x_BLD.dtype)
@@ -126,11 +129,12 @@ def _metrics(task: Task, rows: list[EvalRow], by_group: bool = True) -> dict[str
     res: dict[str, float] = {"n": len(rows), "loss": nll / max(ntok, 1)}
     if "bits_per_byte" in task.metrics:
         res["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
+    pairs = [(task.final_answer(r.generated), task.final_answer(r.target)) for r in rows if r.generated is not None]
     if "exact_match" in task.metrics:
-        res["exact_match"] = sum(r.generated.strip() == r.target.strip() for r in rows) / len(rows)
+        res["exact_match"] = sum(g == t for g, t in pairs) / len(rows)
     if "char_error_rate" in task.metrics:
-        errs = sum(edit_distance(r.generated.strip(), r.target.strip()) for r in rows)
-        res["char_error_rate"] = errs / max(1, sum(len(r.target.strip()) for r in rows))
+        errs = sum(edit_distance(g, t) for g, t in pairs)
+        res["char_error_rate"] = errs / max(1, sum(len(t) for _, t in pairs))
     groups = sorted({r.group for r in rows if r.group is not None})
     if by_group and groups:
         res["groups"] = {g: _metrics(task, [r for r in rows if r.group == g], by_group=False) for g in groups}

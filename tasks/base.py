@@ -55,6 +55,14 @@ class Task:
         into media banks built under `root` (images, audio) reads them from there."""
         self.root, self.seed = Path(root), seed
 
+    def final_answer(self, text: str) -> str:
+        """The part of an output the metrics score (default: all of it, stripped).
+
+        A task whose targets write out intermediate steps before the answer (a scratchpad, as in
+        "7 3 no") returns just the answer here; evaluation applies it to output and target alike.
+        """
+        return text.strip()
+
     def group(self, sample: Any) -> str | None:
         """Optional label of a test sample (e.g. what it holds out); evaluation reports each group."""
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import random
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -166,12 +167,26 @@ class ImageCaption(_MediaTask):
 
 
 class _ImageAndSpeech(_MediaTask):
-    """An image of one digit and a spoken digit (an unseen voice in test)."""
+    """An image of one digit and a spoken digit (an unseen voice in test).
+
+    The target writes out both digits before the answer, a scratchpad ("7 3 no", "7+3=10"): the
+    model reads each digit as digit_image and digit_speech teach it, then answers from two tokens
+    it has just written. Trained on the answer alone, a small model sees an XOR of two ten-way
+    recognitions with no partial credit and stays at chance. Metrics score only the answer
+    (`final_answer`), so chance is still the best blind guess at the answer.
+    """
 
     modalities = ("image", "audio")
+    generation = GenerationConfig(max_new_tokens=8)
 
     def answer(self, seen: int, heard: int) -> str:
         raise NotImplementedError
+
+    def target(self, seen: int, heard: int) -> str:
+        raise NotImplementedError
+
+    def final_answer(self, text: str) -> str:
+        return re.split(r"[\s=]+", text.strip())[-1]
 
     def pair(self, rng: random.Random, images: ImageBank, audio: AudioBank) -> tuple[int, int]:
         return rng.randrange(len(images)), rng.randrange(len(audio.texts))
@@ -187,20 +202,27 @@ class _ImageAndSpeech(_MediaTask):
         return out
 
     def encode(self, sample: dict[str, Any]) -> MultimodalExample:
-        img = self.image(sample["split"], sample["image"])
-        clip = self.clip(_digits_audio(self.root, sample["split"], self.seed), sample["clip"])
-        return MultimodalExample(task=self.name, segments=(("image", img), ("audio", clip)), target_text=sample["answer"])
+        split = sample["split"]
+        bank = _digits_audio(self.root, split, self.seed)
+        img, clip = self.image(split, sample["image"]), self.clip(bank, sample["clip"])
+        seen, heard = int(_images(self.root, split, self.seed).labels[sample["image"]]), int(bank.texts[sample["clip"]])
+        target = self.target(seen, heard)
+        assert self.final_answer(target) == sample["answer"], (target, sample["answer"])
+        return MultimodalExample(task=self.name, segments=(("image", img), ("audio", clip)), target_text=target)
 
 
 @register_task
 class ImageSpeechSame(_ImageAndSpeech):
-    """Is the digit in the image the digit that was spoken? -> "yes" / "no" (half each)."""
+    """Is the digit in the image the digit that was spoken? -> "7 3 no" / "7 7 yes" (half each)."""
 
     name = "image_speech_same"
     description = "digit image + spoken digit -> yes/no, the same digit?"
 
     def answer(self, seen: int, heard: int) -> str:
         return "yes" if seen == heard else "no"
+
+    def target(self, seen: int, heard: int) -> str:
+        return f"{seen} {heard} {self.answer(seen, heard)}"
 
     def pair(self, rng: random.Random, images: ImageBank, audio: AudioBank) -> tuple[int, int]:
         i = rng.randrange(len(images))
@@ -214,10 +236,13 @@ class ImageSpeechSame(_ImageAndSpeech):
 
 @register_task
 class ImageSpeechSum(_ImageAndSpeech):
-    """The digit seen plus the digit heard -> their sum ("12")."""
+    """The digit seen plus the digit heard -> their sum, "7+5=12"."""
 
     name = "image_speech_sum"
     description = "digit image + spoken digit -> their sum"
 
     def answer(self, seen: int, heard: int) -> str:
         return str(seen + heard)
+
+    def target(self, seen: int, heard: int) -> str:
+        return f"{seen}+{heard}={seen + heard}"

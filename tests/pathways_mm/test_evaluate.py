@@ -20,6 +20,16 @@ def test_exact_match_and_groups():
     assert "groups" not in res["groups"]["pair"]
 
 
+def test_scratchpad_tasks_are_scored_on_the_answer_alone():
+    """image_speech_same writes both digits before yes/no: a wrong digit read with the right
+    answer counts as right, the right digits with the wrong answer as wrong."""
+    task = get_task("image_speech_same")
+    rows = [row(0, gen="7 3 no", target="7 3 no"), row(1, gen="1 3 no", target="7 3 no"),
+            row(2, gen="7 7 no", target="7 7 yes"), row(3, gen="", target="7 7 yes")]
+    assert _metrics(task, rows)["exact_match"] == pytest.approx(2 / 4)
+    assert get_task("image_speech_sum").final_answer(" 7+5=12\n") == "12"
+
+
 def test_bits_per_byte_is_corpus_level():
     task = get_task("text_lm")
     res = _metrics(task, [row(0, nll=2.0, ntok=1, nbytes=1), row(1, nll=6.0, ntok=3, nbytes=7)])

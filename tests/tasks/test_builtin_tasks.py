@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +58,15 @@ def test_test_samples_come_from_held_out_banks(name, data_dir):
     task = get_task(name)
     for split in ("train", "test"):
         assert {s["split"] for s in load_split(task, split, data_dir, 1234)} == {split}
+
+
+@pytest.mark.parametrize("name", ["image_speech_same", "image_speech_sum"])
+def test_image_and_speech_targets_show_both_digits_then_the_answer(name, data_dir):
+    task = get_task(name)
+    for s in load_split(task, "test", data_dir, 1234)[:20]:
+        target = task.encode(s).target_text
+        seen, heard = map(int, re.findall(r"\d", target)[:2])
+        assert task.answer(seen, heard) == s["answer"] == task.final_answer(target)
 
 
 def test_speech_splits_share_no_voice(data_dir):
