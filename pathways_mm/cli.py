@@ -72,6 +72,30 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return run_guarded(go)
 
 
+def cmd_add_task(args: argparse.Namespace) -> int:
+    from pathways_mm.add_task import run_add_task
+    from pathways_mm.engine import setup_single_process_env, shutdown
+
+    def go() -> None:
+        setup_single_process_env()
+        run_add_task(args.source, args.task, args.grow_experts, args.steps, args.out_dir, args.config, args.overrides)
+        shutdown()
+
+    return run_guarded(go)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    def go() -> None:
+        from pathways_mm.engine import pin_accelerator
+
+        pin_accelerator()
+        from pathways_mm.export import run_export
+
+        run_export(args.source, args.task, args.out, args.max_samples)
+
+    return run_guarded(go)
+
+
 def cmd_routes(args: argparse.Namespace) -> int:
     def go() -> None:
         from pathways_mm.routes_plot import draw
@@ -96,6 +120,17 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             print(f"{info.name:<{w}}  {mods:<18} {metrics:<28} {info.source}")
 
     return run_guarded(go)
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run directory or one of its checkpoints")
+    p.add_argument("--task", required=True, help="the registered task to add")
+    p.add_argument("--grow-experts", type=int, default=0, metavar="G", help="experts per MoE layer that only the new task uses")
+    p.add_argument("--steps", type=int, default=300, help="training steps for the new task")
+    p.add_argument("--out-dir", default=None, help="the new run directory (default: next to the source run, RUN+TASK)")
+    p.add_argument("--config", default=None, help="optional YAML with train/data/eval settings (same model as the checkpoint)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override train/data/eval settings, e.g. --set train.lr=1e-3")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the multi-task model's eval report (pathways-mm eval RUN --out FILE) for the comparison table")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.set_defaults(func=cmd_baseline)
+
+    a = sub.add_parser("add-task", help="add a task to a trained model without forgetting the old ones")
+    add_task_arguments(a)
+    a.set_defaults(func=cmd_add_task)
+
+    x = sub.add_parser("export", help="one task's sub-network: only the experts on its pathway, parity-checked")
+    x.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run directory or one of its checkpoints")
+    x.add_argument("--task", required=True, help="a task of the checkpoint")
+    x.add_argument("--out", required=True, help="new folder for model.pt and export.json")
+    x.add_argument("--max-samples", type=int, default=None,
+                   help="evaluation samples that define the pathway and the parity check (default: eval.max_samples; 0 = all)")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathway graph, reuse, modalities, routes.html")
     r.add_argument("routes", help="routes JSON written by `pathways-mm eval RUN --routes OUT.json`")

@@ -37,6 +37,11 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     router_jitter: float = 0.0
     debug_route_to: int | None = None  # _debug_: send every token to this expert (tests)
+    # Blocks of experts in the order they joined, owner -> count ("base" = the first pool; then
+    # one block per task that `add-task --grow-experts` gave its own experts). Empty = one block.
+    # The router scores each block with its own matmul, so growing a layer leaves the old
+    # experts' logits bit-identical.
+    expert_groups: dict[str, int] = field(default_factory=dict)
 
 
 # How a layer runs, not what it computes: a checkpoint loads whatever these are set to.
@@ -395,6 +400,11 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError("model.moe.expert_d_ff must be >= 1 (or null for model.d_ff)")
         if e.moe_every < 1:
             raise ConfigError("model.moe.moe_every must be >= 1")
+        if e.expert_groups and (sum(e.expert_groups.values()) != e.num_experts or min(e.expert_groups.values()) < 1):
+            raise ConfigError(
+                f"model.moe.expert_groups {e.expert_groups} must be positive counts summing to num_experts "
+                f"({e.num_experts}); leave it empty for one block"
+            )
     v = m.vision
     if v.image_size < v.patch_size or v.image_size % v.patch_size:
         raise ConfigError(

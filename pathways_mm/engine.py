@@ -337,3 +337,26 @@ def load_checkpoint(engine, tag_dir: Path, with_optimizer: bool = True) -> None:
         raise ConfigError(f"{tag_dir}: does not fit this model ({str(e).strip().splitlines()[0]:.300})") from None
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
+
+
+def load_full_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights as one state dict with global expert ids, on the CPU.
+
+    DeepSpeed writes the non-expert weights to mp_rank_00_model_states.pt and each global
+    expert to its own file, so this is the state of a one-process model (ep_size 1) whatever
+    ep_size the checkpoint was saved at. Model-parallel checkpoints are not supported.
+    """
+    main = tag_dir / "mp_rank_00_model_states.pt"
+    if not main.is_file():
+        raise ConfigError(f"{tag_dir}: no mp_rank_00_model_states.pt; not a pathways-mm checkpoint")
+    loaded = _weights_only_load(str(main), map_location="cpu")
+    state = loaded.get("module") if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{main}: holds no model weights ('module')")
+    state = dict(state)
+    for path in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        expert = _weights_only_load(str(path), map_location="cpu")
+        if not isinstance(expert, dict):
+            raise ConfigError(f"{path}: not an expert state dict")
+        state.update(expert)
+    return state

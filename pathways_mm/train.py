@@ -23,7 +23,7 @@ from pathways_mm import engine as ds_engine
 from pathways_mm import faults
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import Batch, collate
-from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, data_root, load_config, to_dict
+from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, MoEConfig, data_root, load_config, to_dict
 from pathways_mm.data import MixtureSampler, encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError, TrainingAborted
@@ -116,19 +116,42 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+class Hooks:
+    """Where a caller that trains part of a model (`add-task`) steps into the training run.
+
+    The defaults do nothing: plain training.
+    """
+
+    def model_built(self, model: torch.nn.Module, rank: int, world: int) -> None:
+        """Before the engine exists: load weights, freeze parameters (frozen ones get no optimizer state)."""
+
+    def engine_ready(self, engine, ts: "TaskSet", tok: TextTokenizer) -> None:
+        """The engine and its expert-parallel groups exist; training has not started."""
+
+    def trained(self, engine) -> None:
+        """The last step is done; nothing is saved yet (a check here can still stop the save)."""
+
+    def meta(self) -> dict[str, Any]:
+        """Extra checkpoint metadata."""
+        return {}
+
+
+def run(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None, hooks: Hooks | None = None,
+        engine_out: list | None = None) -> dict[str, Any]:
     """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary.
 
     A peer that stops answering ends the run with TrainingAborted naming the rank and the step.
+    engine_out: if given, the engine is appended to it (callers that measure the trained model).
     """
     from pathways_mm.watchdog import CollectiveGuard
 
     rank, world = ds_engine.init_distributed(cfg.train.threads)
     with CollectiveGuard(rank, world, cfg.train.collective_timeout_s) as guard:
-        return _run(cfg, rank, world, guard, resume, stop_after)
+        return _run(cfg, rank, world, guard, resume, stop_after, hooks or Hooks(), engine_out)
 
 
-def _run(cfg: ExperimentConfig, rank: int, world: int, guard, resume: bool, stop_after: int | None) -> dict[str, Any]:
+def _run(cfg: ExperimentConfig, rank: int, world: int, guard, resume: bool, stop_after: int | None, hooks: Hooks,
+         engine_out: list | None) -> dict[str, Any]:
     import torch.distributed as dist
 
     from pathways_mm.evaluate import format_table
@@ -147,11 +170,15 @@ def _run(cfg: ExperimentConfig, rank: int, world: int, guard, resume: bool, stop
         check_compatible(resume_meta, cfg, tok, resume=True, where=str(resume_from / ds_engine.META_FILE))
     ts = load_tasks(cfg, rank)
     model = build_model(cfg.model, tok.vocab_size)
+    hooks.model_built(model, rank, world)
     engine = ds_engine.initialize(model, cfg, world)
+    if engine_out is not None:
+        engine_out.append(engine)
     start = 0
     if resume_from is not None:
         ds_engine.load_checkpoint(engine, resume_from, with_optimizer=True)
         start = resume_meta["step"]
+    hooks.engine_ready(engine, ts, tok)
     sampler = make_sampler(cfg, ts)
     dev = ds_engine.device()
     if rank == 0:
@@ -226,7 +253,8 @@ def _run(cfg: ExperimentConfig, rank: int, world: int, guard, resume: bool, stop
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         stopping = stop_after is not None and stop_after <= done < cfg.train.steps
         if (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps) or stopping:
-            ds_engine.save_checkpoint(engine, ckpt_dir, done, checkpoint_meta(cfg, ts, tok, done), cfg.train.keep_checkpoints)
+            meta = {**checkpoint_meta(cfg, ts, tok, done), **hooks.meta()}
+            ds_engine.save_checkpoint(engine, ckpt_dir, done, meta, cfg.train.keep_checkpoints)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
             last_eval = evaluate_and_route(engine, cfg, ts, tok, rank, world, done)
             engine.train()
@@ -240,12 +268,12 @@ def _run(cfg: ExperimentConfig, rank: int, world: int, guard, resume: bool, stop
                 print(f"pathways-mm: stopped after step {done}; checkpoint {path}; continue with --resume", file=sys.stderr)
             return {"step": done, "checkpoint": str(path), "stopped": True}
     bar.close()
+    hooks.trained(engine)
     in_sync = weights_in_sync(engine, world)
     final = ckpt_dir / ds_engine.tag_for(cfg.train.steps)
     if start < cfg.train.steps or not final.exists():
-        final = ds_engine.save_checkpoint(
-            engine, ckpt_dir, cfg.train.steps, checkpoint_meta(cfg, ts, tok, cfg.train.steps), cfg.train.keep_checkpoints
-        )
+        meta = {**checkpoint_meta(cfg, ts, tok, cfg.train.steps), **hooks.meta()}
+        final = ds_engine.save_checkpoint(engine, ckpt_dir, cfg.train.steps, meta, cfg.train.keep_checkpoints)
     last_eval = evaluate_and_route(engine, cfg, ts, tok, rank, world, cfg.train.steps)
     summary = {"step": cfg.train.steps, "checkpoint": str(final), "eval": last_eval,
                "train_s": round(time.time() - t0, 1), "weights_in_sync": in_sync}
@@ -306,6 +334,8 @@ def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextToken
     old, new = meta["config"]["model"], to_dict(cfg.model)
     diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
     old_moe = old.get("moe") if isinstance(old.get("moe"), dict) else {}
+    # A key the checkpoint's pathways-mm did not have yet holds its default there.
+    old_moe = {**to_dict(MoEConfig()), **old_moe}
     diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old_moe.get(k) != new["moe"][k]]
     if resume and old_moe.get("ep_size") != new["moe"]["ep_size"]:
         diff.append("model.moe.ep_size")

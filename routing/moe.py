@@ -66,6 +66,7 @@ class PathwaysMoE(MoE):
         router_jitter: float = 0.0,
         debug_route_to: int | None = None,
         use_grouped_mm: bool | None = None,
+        expert_groups: tuple[int, ...] = (),
     ):
         # MoE.__init__ is skipped on purpose: it builds DeepSpeed's TopKGate and deep-copied Experts,
         # which this layer replaces. The attributes DeepSpeed's engine reads are set here instead.
@@ -84,7 +85,8 @@ class PathwaysMoE(MoE):
         self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
-        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, jitter=router_jitter, debug_route_to=debug_route_to)
+        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, jitter=router_jitter, debug_route_to=debug_route_to,
+                          groups=expert_groups)
         experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name, use_grouped_mm)
         self.deepspeed_moe = _MoEParts(gate, experts)
         if impl == "grouped":
@@ -101,6 +103,7 @@ class PathwaysMoE(MoE):
             ep_size=m.ep_size, impl=m.impl, capacity_factor=m.capacity_factor,
             eval_capacity_factor=m.eval_capacity_factor, balance_coef=m.balance_coef,
             z_loss_coef=m.z_loss_coef, router_jitter=m.router_jitter, debug_route_to=m.debug_route_to,
+            expert_groups=tuple(m.expert_groups.values()),
         )  # fmt: skip
 
     @property

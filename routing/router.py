@@ -71,6 +71,7 @@ class TaskRouter(nn.Module):
         *,
         jitter: float = 0.0,
         debug_route_to: int | None = None,
+        groups: tuple[int, ...] = (),
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -78,12 +79,18 @@ class TaskRouter(nn.Module):
         if debug_route_to is not None and not 0 <= debug_route_to < num_experts:
             raise ValueError(f"debug_route_to ({debug_route_to}) must name an expert in [0, {num_experts})")
         self.num_experts, self.max_tasks, self.top_k = num_experts, max_tasks, top_k
+        if groups and sum(groups) != num_experts:
+            raise ValueError(f"expert groups {groups} must sum to num_experts ({num_experts})")
         self.jitter, self.debug_route_to = jitter, debug_route_to
+        self.groups = tuple(groups)  # blocks of experts scored by separate matmuls (see `token_logits`)
         self.wg = nn.Linear(d_model, num_experts, bias=False)
         # Pathway priors start at zero so every task begins from the shared token router.
         self.pathway = nn.Parameter(torch.zeros(max_tasks, num_experts))
         # Named without "expert": DeepSpeed moves every MoE state key containing it to expert files.
         self.register_buffer("allowed", torch.ones(max_tasks, num_experts, dtype=torch.bool))
+        # Set by routing.pathways.restrict_experts on an exported sub-network: the ids of the
+        # experts the layer still holds; the router scores all experts, then keeps these.
+        self.register_buffer("kept", None)
 
     def set_allowed(self, task: int, experts: list[int] | torch.Tensor) -> None:
         """Restrict `task` to the given expert ids (at least top_k of them)."""
@@ -99,8 +106,21 @@ class TaskRouter(nn.Module):
         x_TD = x_TD.float()
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits_TE = F.linear(x_TD, self.wg.weight.float()) + self.pathway.float()[task_T]
-        return logits_TE.masked_fill(~self.allowed[task_T], float("-inf"))
+        logits_TE = self.token_logits(x_TD) + self.pathway.float()[task_T]
+        logits_TE = logits_TE.masked_fill(~self.allowed[task_T], float("-inf"))
+        return logits_TE if self.kept is None else logits_TE[:, self.kept]
+
+    def token_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x·W_r, one matmul per block of experts.
+
+        A matmul's result can change in the last bits with its output width (the kernel blocks
+        the work differently), so experts added later are scored apart: the old experts' logits,
+        and with them the old tasks' routes, stay bit-identical when a layer grows.
+        """
+        w = self.wg.weight.float()
+        if len(self.groups) <= 1:
+            return F.linear(x_TD, w)
+        return torch.cat([F.linear(x_TD, w_g) for w_g in w.split(self.groups)], dim=-1)
 
     def forward(self, x_TD: torch.Tensor, task_T: torch.Tensor) -> RouterOutput:
         logits_TE = self.logits(x_TD, task_T)

@@ -83,12 +83,12 @@ def test_resume_refuses_another_model_shape(tmp_path, data_dir):
     assert res.returncode == 2 and "model.d_model" in res.stderr and "Traceback" not in res.stderr
 
 
-def deepspeed_launch(num, args, data_dir, timeout=600):
+def deepspeed_launch(num, args, data_dir, timeout=600, module="pathways_mm.train"):
     env = {**os.environ, "PMM_DATA": str(data_dir)}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    cmd = [launcher, "--num_gpus", str(num), "--master_port", str(free_port()), "--module", "pathways_mm.train", *map(str, args)]
+    cmd = [launcher, "--num_gpus", str(num), "--master_port", str(free_port()), "--module", module, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
