@@ -3,7 +3,9 @@
 `bench moe`: one MoE FFN layer, forward+backward, against a FLOP-matched dense SwiGLU.
 Rows: dense SwiGLU (hidden = top_k * d_ff), PathwaysMoE impl=grouped (dropless, grouped GEMM),
 PathwaysMoE impl=deepspeed (capacity buffers), and DeepSpeed's stock `MoE` layer for reference.
-Ratio = dense ms / row ms (1.00 = as fast as dense, as in shared/GPU.md).
+Ratio = dense ms / row ms (1.00 = as fast as dense, as in shared/GPU.md). Memory: the bytes
+autograd saves for backward per token (parameters excluded, storages counted once) and, on CUDA,
+the peak allocated during forward+backward above what was allocated before; "vs dense" = row / dense.
 
 `bench telemetry`: a full DeepSpeed training step of a small MoE decoder with route telemetry
 off and on, interleaved round-robin; ratio = on / off (1.00 = free).
@@ -31,6 +33,8 @@ CONFIGS = {
 class Row(NamedTuple):
     name: str
     ms: float
+    saved_bytes: int = 0  # what autograd keeps for backward after the forward (activations)
+    peak_bytes: int | None = None  # CUDA: peak allocated during forward+backward, above the start
 
 
 def _sync(device: torch.device) -> None:
@@ -61,6 +65,40 @@ def _fwd_bwd(layer: torch.nn.Module, call: Callable, x_BLD: torch.Tensor, grad_B
         call(layer, x).backward(grad_BLD)
 
     return step
+
+
+def saved_bytes(layer: torch.nn.Module, call: Callable, x_BLD: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward of `layer`.
+
+    Each storage counts once (views of one buffer, a tensor saved by two ops); the layer's
+    parameters are left out: they are not activations and do not grow with the tokens.
+    """
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = x_BLD.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call(layer, x)
+    del out
+    return sum(sizes.values())
+
+
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """Peak bytes allocated during one `step` above what was allocated before it (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start
 
 
 def _layers(d_model, d_ff, num_experts, top_k, capacity):
@@ -115,13 +153,16 @@ def run(args: argparse.Namespace) -> list[Row]:
     torch.manual_seed(0)
     x_BLD = torch.randn(1, tokens, d_model, device=device, dtype=dtype)
     grad_BLD = torch.randn_like(x_BLD)
-    names, steps = [], []
+    names, steps, mem = [], [], []
     for name, layer, call in _layers(d_model, d_ff, num_experts, top_k, args.capacity):
         if "stock" in name and top_k > 2 and not args.stock_topk:
             continue  # DeepSpeed's top-k gate (k > 2) builds dense [tokens, experts, capacity] masks
+        layer = layer.to(device=device, dtype=dtype)
         names.append(name)
-        steps.append(_fwd_bwd(layer.to(device=device, dtype=dtype), call, x_BLD, grad_BLD))
-    rows = [Row(n, ms) for n, ms in zip(names, _time(steps, device, args.warmup, args.iters))]
+        steps.append(_fwd_bwd(layer, call, x_BLD, grad_BLD))
+        mem.append((saved_bytes(layer, call, x_BLD), cuda_peak_bytes(steps[-1], device)))
+    times = _time(steps, device, args.warmup, args.iters)
+    rows = [Row(n, ms, saved, peak) for n, ms, (saved, peak) in zip(names, times, mem)]
     flops = 18 * tokens * d_model * top_k * d_ff  # 3 matmuls x (2 fwd + 4 bwd) FLOPs per multiply-add
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench moe --config {args.config}: d_model={d_model} d_ff={d_ff} experts={num_experts} top_k={top_k} "
@@ -129,6 +170,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     print(f"{'layer':<38} {'ms':>9} {'tokens/s':>12} {'TFLOP/s':>8} {'vs dense':>8}")
     for r in rows:
         print(f"{r.name:<38} {r.ms:9.2f} {tokens / r.ms * 1e3:12,.0f} {flops / r.ms / 1e9:8.2f} {rows[0].ms / r.ms:8.2f}")
+    peak_cols = device.type == "cuda"
+    print(f"memory per token: saved for backward{', CUDA peak fwd+bwd' if peak_cols else ''}; vs dense = row / dense")
+    head = f"{'layer':<38} {'saved KiB/tok':>13} {'vs dense':>8}"
+    print(head + (f" {'peak KiB/tok':>12} {'vs dense':>8}" if peak_cols else ""))
+    for r in rows:
+        line = f"{r.name:<38} {r.saved_bytes / tokens / 1024:13.2f} {r.saved_bytes / rows[0].saved_bytes:8.2f}"
+        if peak_cols:
+            line += f" {r.peak_bytes / tokens / 1024:12.2f} {r.peak_bytes / rows[0].peak_bytes:8.2f}"
+        print(line)
     return rows
 
 

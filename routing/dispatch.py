@@ -83,11 +83,12 @@ class DroplessDispatch:
             y_ND = y_ND.index_select(0, _inverse(plan.regroup_R))
             y_ND = _AllToAllUneven.apply(y_ND, plan.in_splits, plan.out_splits, group)
         T, k = route.indices_TK.shape
-        # Un-permute and weighted sum in one scatter: row n adds w_n * y_n into its token. Weights
-        # are float32, so the sum over a token's k routes accumulates in float32.
+        # Weight each route's row, un-permute with a gather (the inverse of a permutation), sum
+        # the k rows of a token. Not index_add_: its autograd saves the whole [N, D] source.
+        # Weights are float32, so the sum over the k routes accumulates in float32.
         weights_N1 = route.weights_TK.reshape(-1).index_select(0, plan.order_N)[:, None]
-        out_TD = weights_N1.new_zeros(T, y_ND.shape[1])
-        return out_TD.index_add_(0, plan.order_N // k, y_ND * weights_N1).to(y_ND.dtype)
+        y_TKD = (y_ND * weights_N1).index_select(0, _inverse(plan.order_N)).view(T, k, -1)
+        return y_TKD.sum(1).to(y_ND.dtype)
 
 
 class CapacityPlan(NamedTuple):
