@@ -189,13 +189,16 @@ TELEMETRY_CONFIGS = {
 }
 
 
-def _synthetic_batch(B: int, L: int, vocab: int, num_tasks: int, device: torch.device):
-    """Random tokens with right padding (as collate lays them out), so telemetry skips real padding."""
+def _synthetic_batch(B: int, L: int, vocab: int, num_tasks: int, device: torch.device, min_len: int | None = None):
+    """Random tokens with right padding (as collate lays them out), so telemetry skips real padding.
+
+    Lengths are drawn from [min_len, L] (default L // 2); min_len = L gives no padding.
+    """
     from pathways_mm.collate import IGNORE, PAD_MODALITY, TEXT, Batch
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, vocab, (B, L), generator=g)
-    lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
+    lengths = torch.randint(L // 2 if min_len is None else min_len, L + 1, (B,), generator=g)
     pos = torch.arange(L)[None, :]
     labels = torch.where(pos < lengths[:, None] - 1, tokens.roll(-1, dims=1), IGNORE)
     return Batch(tokens=tokens, task_ids=torch.randint(0, num_tasks, (B,), generator=g),
@@ -313,7 +316,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench moe` to the CLI's subparsers; the chosen command is in `args.func`."""
+    """Add `bench moe`, `bench telemetry` and `bench train` to the CLI's subparsers; the chosen command is in `args.func`."""
     bench = subparsers.add_parser("bench", help="micro-benchmarks")
     kinds = bench.add_subparsers(dest="bench", required=True)
     moe = kinds.add_parser("moe", help="one MoE FFN layer vs a FLOP-matched dense FFN")
@@ -322,19 +325,27 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     tel = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
     _add_telemetry_args(tel)
     tel.set_defaults(func=_cli_telemetry)
+    from pathways_mm.bench_train import add_train_parser
+
+    add_train_parser(kinds)
     return bench
 
 
-def _cli_telemetry(args: argparse.Namespace) -> int:
+def run_single_process(bench: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """A bench that builds a DeepSpeed engine, as one process without a launcher; user errors exit 2."""
     from pathways_mm.cli import run_guarded
     from pathways_mm.engine import setup_single_process_env, shutdown
 
     def go() -> None:
         setup_single_process_env()
-        run_telemetry(args)
+        bench(args)
         shutdown()
 
     return run_guarded(go)
+
+
+def _cli_telemetry(args: argparse.Namespace) -> int:
+    return run_single_process(run_telemetry, args)
 
 
 def _cli_run(args: argparse.Namespace) -> int:
