@@ -3,7 +3,9 @@
 `bench moe`: one MoE FFN layer, forward+backward, against a FLOP-matched dense SwiGLU.
 Rows: dense SwiGLU (hidden = top_k * d_ff), PathwaysMoE impl=grouped (dropless, grouped GEMM),
 PathwaysMoE impl=deepspeed (capacity buffers), and DeepSpeed's stock `MoE` layer for reference.
-Ratio = dense ms / row ms (1.00 = as fast as dense, as in shared/GPU.md).
+Ratio = dense ms / row ms (1.00 = as fast as dense, as in shared/GPU.md). Memory: the bytes
+autograd saves for backward per token (parameters excluded, storages counted once) and, on CUDA,
+the peak allocated during forward+backward above what was allocated before; "vs dense" = row / dense.
 
 `bench telemetry`: a full DeepSpeed training step of a small MoE decoder with route telemetry
 off and on, interleaved round-robin; ratio = on / off (1.00 = free).
@@ -31,6 +33,8 @@ CONFIGS = {
 class Row(NamedTuple):
     name: str
     ms: float
+    saved_bytes: int = 0  # what autograd keeps for backward after the forward (activations)
+    peak_bytes: int | None = None  # CUDA: peak allocated during forward+backward, above the start
 
 
 def _sync(device: torch.device) -> None:
@@ -61,6 +65,40 @@ def _fwd_bwd(layer: torch.nn.Module, call: Callable, x_BLD: torch.Tensor, grad_B
         call(layer, x).backward(grad_BLD)
 
     return step
+
+
+def saved_bytes(layer: torch.nn.Module, call: Callable, x_BLD: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward of `layer`.
+
+    Each storage counts once (views of one buffer, a tensor saved by two ops); the layer's
+    parameters are left out: they are not activations and do not grow with the tokens.
+    """
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = x_BLD.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call(layer, x)
+    del out
+    return sum(sizes.values())
+
+
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """Peak bytes allocated during one `step` above what was allocated before it (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start
 
 
 def _layers(d_model, d_ff, num_experts, top_k, capacity):
@@ -115,13 +153,16 @@ def run(args: argparse.Namespace) -> list[Row]:
     torch.manual_seed(0)
     x_BLD = torch.randn(1, tokens, d_model, device=device, dtype=dtype)
     grad_BLD = torch.randn_like(x_BLD)
-    names, steps = [], []
+    names, steps, mem = [], [], []
     for name, layer, call in _layers(d_model, d_ff, num_experts, top_k, args.capacity):
         if "stock" in name and top_k > 2 and not args.stock_topk:
             continue  # DeepSpeed's top-k gate (k > 2) builds dense [tokens, experts, capacity] masks
+        layer = layer.to(device=device, dtype=dtype)
         names.append(name)
-        steps.append(_fwd_bwd(layer.to(device=device, dtype=dtype), call, x_BLD, grad_BLD))
-    rows = [Row(n, ms) for n, ms in zip(names, _time(steps, device, args.warmup, args.iters))]
+        steps.append(_fwd_bwd(layer, call, x_BLD, grad_BLD))
+        mem.append((saved_bytes(layer, call, x_BLD), cuda_peak_bytes(steps[-1], device)))
+    times = _time(steps, device, args.warmup, args.iters)
+    rows = [Row(n, ms, saved, peak) for n, ms, (saved, peak) in zip(names, times, mem)]
     flops = 18 * tokens * d_model * top_k * d_ff  # 3 matmuls x (2 fwd + 4 bwd) FLOPs per multiply-add
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench moe --config {args.config}: d_model={d_model} d_ff={d_ff} experts={num_experts} top_k={top_k} "
@@ -129,6 +170,15 @@ def run(args: argparse.Namespace) -> list[Row]:
     print(f"{'layer':<38} {'ms':>9} {'tokens/s':>12} {'TFLOP/s':>8} {'vs dense':>8}")
     for r in rows:
         print(f"{r.name:<38} {r.ms:9.2f} {tokens / r.ms * 1e3:12,.0f} {flops / r.ms / 1e9:8.2f} {rows[0].ms / r.ms:8.2f}")
+    peak_cols = device.type == "cuda"
+    print(f"memory per token: saved for backward{', CUDA peak fwd+bwd' if peak_cols else ''}; vs dense = row / dense")
+    head = f"{'layer':<38} {'saved KiB/tok':>13} {'vs dense':>8}"
+    print(head + (f" {'peak KiB/tok':>12} {'vs dense':>8}" if peak_cols else ""))
+    for r in rows:
+        line = f"{r.name:<38} {r.saved_bytes / tokens / 1024:13.2f} {r.saved_bytes / rows[0].saved_bytes:8.2f}"
+        if peak_cols:
+            line += f" {r.peak_bytes / tokens / 1024:12.2f} {r.peak_bytes / rows[0].peak_bytes:8.2f}"
+        print(line)
     return rows
 
 
@@ -139,13 +189,16 @@ TELEMETRY_CONFIGS = {
 }
 
 
-def _synthetic_batch(B: int, L: int, vocab: int, num_tasks: int, device: torch.device):
-    """Random tokens with right padding (as collate lays them out), so telemetry skips real padding."""
+def _synthetic_batch(B: int, L: int, vocab: int, num_tasks: int, device: torch.device, min_len: int | None = None):
+    """Random tokens with right padding (as collate lays them out), so telemetry skips real padding.
+
+    Lengths are drawn from [min_len, L] (default L // 2); min_len = L gives no padding.
+    """
     from pathways_mm.collate import IGNORE, PAD_MODALITY, TEXT, Batch
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, vocab, (B, L), generator=g)
-    lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
+    lengths = torch.randint(L // 2 if min_len is None else min_len, L + 1, (B,), generator=g)
     pos = torch.arange(L)[None, :]
     labels = torch.where(pos < lengths[:, None] - 1, tokens.roll(-1, dims=1), IGNORE)
     return Batch(tokens=tokens, task_ids=torch.randint(0, num_tasks, (B,), generator=g),
@@ -263,7 +316,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench moe` to the CLI's subparsers; the chosen command is in `args.func`."""
+    """Add `bench moe`, `bench telemetry` and `bench train` to the CLI's subparsers; the chosen command is in `args.func`."""
     bench = subparsers.add_parser("bench", help="micro-benchmarks")
     kinds = bench.add_subparsers(dest="bench", required=True)
     moe = kinds.add_parser("moe", help="one MoE FFN layer vs a FLOP-matched dense FFN")
@@ -272,19 +325,27 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     tel = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
     _add_telemetry_args(tel)
     tel.set_defaults(func=_cli_telemetry)
+    from pathways_mm.bench_train import add_train_parser
+
+    add_train_parser(kinds)
     return bench
 
 
-def _cli_telemetry(args: argparse.Namespace) -> int:
+def run_single_process(bench: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
+    """A bench that builds a DeepSpeed engine, as one process without a launcher; user errors exit 2."""
     from pathways_mm.cli import run_guarded
     from pathways_mm.engine import setup_single_process_env, shutdown
 
     def go() -> None:
         setup_single_process_env()
-        run_telemetry(args)
+        bench(args)
         shutdown()
 
     return run_guarded(go)
+
+
+def _cli_telemetry(args: argparse.Namespace) -> int:
+    return run_single_process(run_telemetry, args)
 
 
 def _cli_run(args: argparse.Namespace) -> int:

@@ -58,7 +58,9 @@ class DroplessDispatch:
         k = route.indices_TK.shape[1]
         expert_N = route.indices_TK.reshape(-1)
         order_N = torch.argsort(expert_N, stable=True)
-        x_ND = x_TD[order_N // k]
+        # index_select, not x_TD[...]: its backward is one index_add_, advanced indexing's an
+        # accumulating index_put (a sort of the indices on CPU).
+        x_ND = x_TD.index_select(0, order_N // k)
         # index_add_, not bincount: bincount on CUDA reads the max back to the host.
         counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_TD.device)
         counts_E.index_add_(0, expert_N, torch.ones_like(expert_N))
@@ -74,15 +76,19 @@ class DroplessDispatch:
         local_e = torch.arange(self.num_local, device=x_TD.device).repeat(self.ep_size)
         regroup_R = torch.argsort(torch.repeat_interleave(local_e, recv_counts_RE.reshape(-1)), stable=True)
         plan = DroplessPlan(order_N, recv_counts_RE.sum(0), in_splits, out_splits, regroup_R)
-        return x_RD[regroup_R], plan
+        return x_RD.index_select(0, regroup_R), plan
 
     def combine(self, y_ND: torch.Tensor, plan: DroplessPlan, route: RouterOutput, group) -> torch.Tensor:
         if plan.regroup_R is not None:
-            y_ND = _AllToAllUneven.apply(y_ND[_inverse(plan.regroup_R)], plan.in_splits, plan.out_splits, group)
+            y_ND = y_ND.index_select(0, _inverse(plan.regroup_R))
+            y_ND = _AllToAllUneven.apply(y_ND, plan.in_splits, plan.out_splits, group)
         T, k = route.indices_TK.shape
-        y_TKD = y_ND[_inverse(plan.order_N)].view(T, k, -1)
-        # Weights are float32, so the weighted sum over the k routes accumulates in float32.
-        return (y_TKD * route.weights_TK[..., None]).sum(1).to(y_ND.dtype)
+        # Weight each route's row, un-permute with a gather (the inverse of a permutation), sum
+        # the k rows of a token. Not index_add_: its autograd saves the whole [N, D] source.
+        # Weights are float32, so the sum over the k routes accumulates in float32.
+        weights_N1 = route.weights_TK.reshape(-1).index_select(0, plan.order_N)[:, None]
+        y_TKD = (y_ND * weights_N1).index_select(0, _inverse(plan.order_N)).view(T, k, -1)
+        return y_TKD.sum(1).to(y_ND.dtype)
 
 
 class CapacityPlan(NamedTuple):

@@ -1,6 +1,7 @@
 import re
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 
@@ -16,3 +17,26 @@ def test_bench_telemetry_times_both_modes_and_counts_when_on(data_dir):
     counted = int(re.search(r"(\d+) token-layer counts per step", res.stdout).group(1))
     assert counted == 2 * real  # two MoE blocks, padding not counted
     assert re.search(r"telemetry.record alone: \d+ us per step", res.stdout), res.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_prints_sparse_and_dense_rows_with_active_params(data_dir):
+    res = run_cli(["bench", "train", "--config", "cpu", "--iters", "2", "--warmup", "1", "--batch", "2",
+                   "--seq-len", "32", "--dense", "--threads", "1"], data_dir)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = re.findall(r"^(dense|MoE).*?\s([\d.]+)M\s+([\d.]+)M\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)\s+n/a\s+([\d.]+)$",
+                      res.stdout, re.M)  # fmt: skip
+    assert [r[0] for r in rows] == ["dense", "MoE"], res.stdout
+    (_, d_total, d_active, d_ms, *_), (_, m_total, m_active, m_ms, *_, m_peak) = rows
+    assert float(m_total) > float(d_total) and m_active == d_active  # FLOP-matched: same active parameters
+    assert float(d_ms) > 0 and float(m_ms) > 0 and float(m_peak) > 0
+    assert re.search(r"sparse/dense time per step: [\d.]+", res.stdout), res.stdout
+
+
+def test_bench_train_mfu_uses_the_given_peak():
+    from pathways_mm.bench_train import peak_tflops, step_flops
+
+    assert peak_tflops(torch.device("cpu"), None) is None
+    assert peak_tflops(torch.device("cpu"), 2.5) == 2.5
+    # 6 N per token, plus 12 * layers * d_model * L per token for attention
+    assert step_flops(1000, 2, 16, 3, 8) == (6 * 1000 + 12 * 2 * 16 * 8) * 3 * 8

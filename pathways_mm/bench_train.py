@@ -1,0 +1,184 @@
+"""`pathways-mm bench train`: full DeepSpeed training steps (forward, backward, optimizer) on
+synthetic batches, for the sparse model and, with --dense, the same decoder without experts
+and with a FLOP-matched d_ff (top_k x expert d_ff), so the sparse/dense ratio comes from one run.
+
+MFU counts active parameters (PaLM's formula): 6 x active params x tokens + attention
+12 x layers x d_model x sequence length x tokens, over the card's bf16 dense peak (PEAK_TFLOPS)
+or --peak-tflops; n/a without either (a CPU). Peak memory: CUDA max_memory_allocated over the
+row's steps (the other row's model freed first); on a CPU the process's peak RSS so far, which
+never goes down, so the smaller (dense) model runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from typing import NamedTuple
+
+import torch
+
+TRAIN_CONFIGS = {
+    # name: (size, experts, top_k, expert d_ff, micro batch, sequence length, vocab, dtype)
+    "cpu": ("tiny", 8, 2, 192, 8, 128, 1024, "float32"),
+    # 1b: d_model 1536, 16 blocks, MoE in every second block: 8 experts of d_ff 2048 (top-2 of
+    # them match the dense d_ff 4096), about 0.9B parameters in all, 0.4B active.
+    "1b": ("1b", 8, 2, 2048, 4, 2048, 32768, "bfloat16"),
+}
+PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H200": 989.0}  # bf16 dense, by device name
+
+
+class TrainRow(NamedTuple):
+    name: str
+    total_params: int
+    active_params: int
+    ms: float  # median ms per step
+    tokens: int  # tokens per step (every position computed)
+    flops: float  # model FLOPs per step on active parameters
+    peak_bytes: int
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def step_flops(active_params: int, n_layers: int, d_model: int, B: int, L: int) -> float:
+    """Training FLOPs of one step: 6 N per token plus attention (scores and values, fwd + bwd)."""
+    return (6 * active_params + 12 * n_layers * d_model * L) * B * L
+
+
+def _model_config(args: argparse.Namespace, dense: bool):
+    from pathways_mm.config import SIZES, ModelConfig, MoEConfig
+
+    size, num_experts, top_k, expert_d_ff, _, L, _, _ = TRAIN_CONFIGS[args.config]
+    row = {**SIZES[size], "size": size, "max_seq_len": max(256, args.seq_len or L)}
+    if dense:
+        return ModelConfig(**{**row, "d_ff": top_k * expert_d_ff})
+    return ModelConfig(**row, moe=MoEConfig(num_experts=num_experts, top_k=top_k, expert_d_ff=expert_d_ff))
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _run_row(args: argparse.Namespace, dense: bool, world: int, ds_path: str) -> TrainRow:
+    from pathways_mm import engine as ds_engine
+    from pathways_mm.bench import _sync, _synthetic_batch
+    from pathways_mm.config import ExperimentConfig, TrainConfig
+    from pathways_mm.losses import forward_loss
+    from pathways_mm.model import build_model, param_counts
+
+    _, _, _, _, B, L, vocab, _ = TRAIN_CONFIGS[args.config]
+    B, L = args.batch or B, args.seq_len or L
+    model_cfg = _model_config(args, dense)
+    cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(micro_batch_size=B, ds_config=ds_path, steps=10**6))
+    torch.manual_seed(0)
+    model = build_model(model_cfg, vocab)
+    total, active = param_counts(model.decoder)  # the encoders do not run on text batches
+    engine = ds_engine.initialize(model, cfg, world)
+    dev = ds_engine.device()
+    batch = _synthetic_batch(B, L, vocab, 2, dev, min_len=L)
+
+    def step() -> None:
+        engine.backward(forward_loss(engine, batch).loss)
+        engine.step()
+
+    for _ in range(args.warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(args.iters):
+        _sync(dev)
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = _peak_bytes(dev)
+    name = "dense (FLOP-matched d_ff)" if dense else f"MoE {model_cfg.moe.num_experts} experts top-{model_cfg.moe.top_k}"
+    flops = step_flops(active, model_cfg.n_layers, model_cfg.d_model, B, L)
+    del engine, model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return TrainRow(name, total, active, statistics.median(times), B * L, flops, peak)
+
+
+def run_train(args: argparse.Namespace) -> list[TrainRow]:
+    """Time full training steps of each row; print the table (and the sparse/dense ratio)."""
+    from pathways_mm import engine as ds_engine
+
+    size, num_experts, top_k, expert_d_ff, B, L, vocab, dtype = TRAIN_CONFIGS[args.config]
+    B, L = args.batch or B, args.seq_len or L
+    _, world = ds_engine.init_distributed(args.threads)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": 1.0, "steps_per_print": 10**9}  # fmt: skip
+    if dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ds, f)
+    try:
+        rows = [_run_row(args, dense, world, f.name) for dense in ([True, False] if args.dense else [False])]
+    finally:
+        os.unlink(f.name)
+    dev = ds_engine.device()
+    peak = peak_tflops(dev, args.peak_tflops)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    mem = "CUDA max_memory_allocated" if dev.type == "cuda" else "process peak RSS so far"
+    print(f"bench train --config {args.config}: {size} decoder, MoE every 2nd block ({num_experts} experts of "
+          f"d_ff {expert_d_ff}, top-{top_k}), batch {B}x{L}, vocab {vocab}, {dtype} on {where}; median of "
+          f"{args.iters} full training steps (forward, backward, optimizer); MFU on active parameters"
+          f"{f' over {peak:g} TFLOP/s' if peak else ''}; peak memory = {mem}")  # fmt: skip
+    print(f"{'model':<28} {'params':>8} {'active':>8} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'peak GiB':>9}")  # fmt: skip
+    for r in rows:
+        tflops = r.flops / r.ms / 1e9
+        mfu = f"{tflops / peak:6.1%}" if peak else f"{'n/a':>6}"
+        print(f"{r.name:<28} {r.total_params / 1e6:7.1f}M {r.active_params / 1e6:7.1f}M {r.ms:9.2f} "
+              f"{r.tokens / r.ms * 1e3:10,.0f} {tflops:8.3f} {mfu} {r.peak_bytes / 2**30:9.2f}")  # fmt: skip
+    if len(rows) == 2:
+        print(f"sparse/dense time per step: {rows[1].ms / rows[0].ms:.3f}")
+    return rows
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", choices=sorted(TRAIN_CONFIGS), default="cpu", help="model and batch (1b: one GPU)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="micro batch (default: the config's)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's)")
+    p.add_argument("--dense", action="store_true", help="also time the FLOP-matched dense model")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
+
+
+def add_train_parser(kinds) -> argparse.ArgumentParser:
+    p = kinds.add_parser("train", help="full training steps of a pathways-mm model: tokens/s, MFU, peak memory")
+    _add_train_args(p)
+    p.set_defaults(func=_cli_train)
+    return p
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    from pathways_mm.bench import run_single_process
+
+    return run_single_process(run_train, args)
+
+
+def bench_train(argv: list[str] | None = None) -> list[TrainRow]:
+    """`pathways-mm bench train [options]` without the CLI around it."""
+    p = argparse.ArgumentParser(prog="pathways-mm bench train")
+    _add_train_args(p)
+    return run_train(p.parse_args(argv))
