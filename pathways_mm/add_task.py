@@ -23,13 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from pathways_mm import engine as ds_engine
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import IGNORE, collate
-from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, load_config, merge_dicts, parse_overrides, to_dict
+from pathways_mm.config import ContinualConfig, ExperimentConfig, config_from_dict, data_root, load_config, merge_dicts, parse_overrides, to_dict
 from pathways_mm.data import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
@@ -59,9 +58,13 @@ def target_logits(model, batch) -> torch.Tensor:
     return out.float().cpu()
 
 
-def new_config(old: ExperimentConfig, task: str, grow: int, steps: int, out_dir: str, freeze: bool) -> ExperimentConfig:
-    """The config of the grown model: one more task, G more experts, only the new task sampled."""
-    moe = old.model.moe
+def new_config(old: ExperimentConfig, task: str, grow: int, steps: int, out_dir: str, freeze: bool,
+               adapter_rank: int = 0) -> ExperimentConfig:
+    """The config of the grown model: one more task, G more experts, its adapters, only it sampled."""
+    model = old.model
+    if adapter_rank:
+        model = dataclasses.replace(model, adapter_rank=adapter_rank, adapter_tasks=(*model.adapter_tasks, len(old.tasks)))
+    moe = model.moe
     groups = dict(moe.expert_groups) or {"base": moe.num_experts}
     if grow:
         groups[task] = grow
@@ -71,9 +74,9 @@ def new_config(old: ExperimentConfig, task: str, grow: int, steps: int, out_dir:
     train = dataclasses.replace(old.train, steps=steps, out_dir=out_dir, weight_decay=0.0, save_every=0, eval_every=0,
                                 warmup_steps=min(old.train.warmup_steps, max(1, steps // 10)))
     return old.replace(name=f"{old.name}+{task}" if freeze else f"{old.name}+{task}(finetune)",
-                       tasks=(*old.tasks, task), model=dataclasses.replace(old.model, moe=moe),
+                       tasks=(*old.tasks, task), model=dataclasses.replace(model, moe=moe),
                        mixture=dataclasses.replace(old.mixture, weights=weights), train=train,
-                       eval=dataclasses.replace(old.eval, routes=False))  # fmt: skip
+                       eval=dataclasses.replace(old.eval, routes=False), continual=ContinualConfig())  # fmt: skip
 
 
 class AddTaskHooks(Hooks):
@@ -130,12 +133,15 @@ class AddTaskHooks(Hooks):
             closest, seeds, losses = box[0]
         layers = [name for name, _ in pathways.moe_layers(model)]
         grown, growth = pathways.grow(full, layers, self.num_old_experts, self.grow, self.new_tid, closest, seeds)
+        grown = pathways.with_adapters(grown, model.state_dict())
         self.ep_rank = rank % self.cfg.model.moe.ep_size
         _load(model, pathways.to_local(grown, model, self.ep_rank), self.tag_dir)
         self.growth = growth
         self.info.update(closest=self.old_cfg.tasks[closest], closest_losses={k: round(v, 4) for k, v in losses.items()},
                          new_experts=growth.new_experts, copied_from=growth.copied_from)  # fmt: skip
-        self.frozen = pathways.freeze_for_new_task(model, self.new_tid, growth.new_experts, self.ep_rank) if self.freeze else None
+        slot = self.cfg.model.adapter_tasks.index(self.new_tid) if self.new_tid in self.cfg.model.adapter_tasks else None
+        self.frozen = (pathways.freeze_for_new_task(model, self.new_tid, growth.new_experts, self.ep_rank, slot)
+                       if self.freeze else None)  # fmt: skip
         self.trainable = self.frozen.trainable if self.frozen else sum(p.numel() for p in model.parameters())
 
     def engine_ready(self, engine, ts, tok) -> None:
@@ -208,7 +214,7 @@ def _load(model, state: dict[str, torch.Tensor], tag_dir: Path) -> None:
 
 
 def prepare(source: str, task: str, grow: int = 0, steps: int = 300, out_dir: str | None = None,
-            config: str | None = None, overrides: Sequence[str] = (), freeze: bool = True):
+            config: str | None = None, overrides: Sequence[str] = (), freeze: bool = True, adapter_rank: int = 0):
     """Check the request and build the new run's config; ConfigError (exit 2) on bad input,
     before anything is written. Returns (source tag dir, its meta, old config, new config)."""
     tag_dir = ds_engine.resolve_checkpoint(source)
@@ -250,17 +256,21 @@ def prepare(source: str, task: str, grow: int = 0, steps: int = 300, out_dir: st
         raise ConfigError(f"{tag_dir} already holds model.max_tasks={old.model.max_tasks} tasks; no pathway is free")
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if adapter_rank < 0 or (adapter_rank and old.model.adapter_rank not in (0, adapter_rank)):
+        raise ConfigError(f"--adapter-rank {adapter_rank}: the checkpoint's adapters have rank {old.model.adapter_rank}; "
+                          f"use {old.model.adapter_rank} (or 0 for none)")  # fmt: skip
     run_dir = tag_dir.parent.parent
     out = Path(out_dir) if out_dir else run_dir.with_name(f"{run_dir.name}+{task}")
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ConfigError(f"--out-dir {out} is inside the source run {run_dir}; write the new model elsewhere")
     if (out / "checkpoints").exists():
         raise ConfigError(f"--out-dir {out} already holds a run; choose another directory")
-    return tag_dir, meta, old, new_config(old, task, grow, steps, str(out), freeze)
+    return tag_dir, meta, old, new_config(old, task, grow, steps, str(out), freeze, adapter_rank)
 
 
 def run_add_task(source: str, task: str, grow: int = 0, steps: int = 300, out_dir: str | None = None,
-                 config: str | None = None, overrides: Sequence[str] = (), freeze: bool = True) -> dict[str, Any]:
+                 config: str | None = None, overrides: Sequence[str] = (), freeze: bool = True,
+                 adapter_rank: int = 0) -> dict[str, Any]:
     """add-task end to end; returns the report (rank 0 also prints it and writes add_task_report.json).
 
     freeze=False is the whole-model fine-tuning baseline of the continual benchmark: the same
@@ -268,7 +278,7 @@ def run_add_task(source: str, task: str, grow: int = 0, steps: int = 300, out_di
     """
     from pathways_mm.train import run
 
-    tag_dir, meta, old, cfg = prepare(source, task, grow, steps, out_dir, config, overrides, freeze)
+    tag_dir, meta, old, cfg = prepare(source, task, grow, steps, out_dir, config, overrides, freeze, adapter_rank)
     tok = load_tokenizer()
     hooks = AddTaskHooks(tag_dir, old, cfg, task, grow, freeze, tok)
     hooks.old_meta_pathways = meta.get("pathways") if isinstance(meta.get("pathways"), dict) else None
@@ -308,6 +318,7 @@ def build_report(hooks: AddTaskHooks, cfg: ExperimentConfig, old: ExperimentConf
         "mode": "add-task" if hooks.freeze else "finetune",
         "steps": cfg.train.steps,
         "grow_experts": hooks.grow,
+        "adapter_rank": cfg.model.adapter_rank if hooks.new_tid in cfg.model.adapter_tasks else 0,
         "closest_task": hooks.info["closest"],
         "closest_losses": hooks.info["closest_losses"],
         "new_experts": hooks.info["new_experts"],
@@ -352,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def go() -> None:
-        run_add_task(args.source, args.task, args.grow_experts, args.steps, args.out_dir, args.config, args.overrides)
+        run_add_task(args.source, args.task, args.grow_experts, args.steps, args.out_dir, args.config, args.overrides,
+                     freeze=not args.train_all, adapter_rank=args.adapter_rank)
         ds_engine.shutdown()
 
     return run_guarded(go)

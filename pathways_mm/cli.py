@@ -78,7 +78,8 @@ def cmd_add_task(args: argparse.Namespace) -> int:
 
     def go() -> None:
         setup_single_process_env()
-        run_add_task(args.source, args.task, args.grow_experts, args.steps, args.out_dir, args.config, args.overrides)
+        run_add_task(args.source, args.task, args.grow_experts, args.steps, args.out_dir, args.config, args.overrides,
+                     freeze=not args.train_all, adapter_rank=args.adapter_rank)
         shutdown()
 
     return run_guarded(go)
@@ -94,6 +95,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         run_export(args.source, args.task, args.out, args.max_samples)
 
     return run_guarded(go)
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    from pathways_mm.continual import main_cli
+
+    return run_guarded(lambda: main_cli(args.config, args.overrides, args.out_dir))
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
@@ -126,11 +133,15 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run directory or one of its checkpoints")
     p.add_argument("--task", required=True, help="the registered task to add")
     p.add_argument("--grow-experts", type=int, default=0, metavar="G", help="experts per MoE layer that only the new task uses")
+    p.add_argument("--adapter-rank", type=int, default=16, metavar="R",
+                   help="rank of the new task's own low-rank updates of every block's attention and output (0 = none)")
     p.add_argument("--steps", type=int, default=300, help="training steps for the new task")
     p.add_argument("--out-dir", default=None, help="the new run directory (default: next to the source run, RUN+TASK)")
     p.add_argument("--config", default=None, help="optional YAML with train/data/eval settings (same model as the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override train/data/eval settings, e.g. --set train.lr=1e-3")  # fmt: skip
+    p.add_argument("--train-all", action="store_true",
+                   help="baseline: train every weight on the new task (old tasks forget); for comparisons")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-samples", type=int, default=None,
                    help="evaluation samples that define the pathway and the parity check (default: eval.max_samples; 0 = all)")
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("continual", help="continual benchmark: add tasks one at a time; add-task vs fine-tuning vs scratch")
+    c.add_argument("config", help="experiment YAML with a continual: section, e.g. configs/experiments/continual.yaml")
+    c.add_argument("--out-dir", default=None, help="results folder (default: runs/continual-NAME); rerun to continue")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_continual)
 
     r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathway graph, reuse, modalities, routes.html")
     r.add_argument("routes", help="routes JSON written by `pathways-mm eval RUN --routes OUT.json`")

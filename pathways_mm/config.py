@@ -92,6 +92,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # Task adapters (added by `add-task --adapter-rank R`): low-rank updates of every block's
+    # attention projections and of its output, each owned by one task (ids listed here) and
+    # applied only to that task's sequences; other tasks' outputs stay bit-identical.
+    adapter_rank: int = 0
+    adapter_tasks: tuple[int, ...] = ()
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -161,6 +166,16 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ContinualConfig:
+    """`pathways-mm continual`: train `tasks`, then add these one at a time (docs/continual.md)."""
+
+    add: tuple[str, ...] = ()
+    steps: int = 300  # training steps for each added task, in each of the three ways of adding it
+    grow_experts: int = 0  # experts per MoE layer that add-task gives each new task
+    adapter_rank: int = 16  # add-task's --adapter-rank for each new task
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -171,6 +186,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     source: str | None = None  # where the config was read from; set by load_config
 
     def to_dict(self) -> dict[str, Any]:
@@ -380,6 +396,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("eval.batch_size must be >= 1 and eval.max_samples >= 0 (0 = all)")
     if any(w < 0 for w in cfg.mixture.weights.values()):
         raise ConfigError("mixture.weights: a task weight must be >= 0")
+    c = cfg.continual
+    if set(c.add) & set(cfg.tasks) or len(set(c.add)) != len(c.add):
+        raise ConfigError(f"continual.add {list(c.add)}: list each task once, none of the first group {list(cfg.tasks)}")
+    if c.steps < 1 or c.grow_experts < 0 or c.adapter_rank < 0:
+        raise ConfigError("continual.steps must be >= 1, continual.grow_experts and continual.adapter_rank >= 0")
     if cfg.data.max_len > m.max_seq_len:
         raise ConfigError(f"data.max_len ({cfg.data.max_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     e = m.moe
@@ -405,6 +426,10 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"model.moe.expert_groups {e.expert_groups} must be positive counts summing to num_experts "
                 f"({e.num_experts}); leave it empty for one block"
             )
+    if (m.adapter_rank > 0) != bool(m.adapter_tasks) or m.adapter_rank < 0:
+        raise ConfigError("model.adapter_rank and model.adapter_tasks go together (add-task sets both); leave both unset")
+    if any(not 0 <= t < m.max_tasks for t in m.adapter_tasks) or len(set(m.adapter_tasks)) != len(m.adapter_tasks):
+        raise ConfigError(f"model.adapter_tasks {list(m.adapter_tasks)}: distinct task ids below model.max_tasks")
     v = m.vision
     if v.image_size < v.patch_size or v.image_size % v.patch_size:
         raise ConfigError(

@@ -54,6 +54,62 @@ def apply_rope(x_BHLd: torch.Tensor, cos_Ld: torch.Tensor, sin_Ld: torch.Tensor)
     return out.flatten(-2)
 
 
+class TaskLoRA(nn.Module):
+    """Low-rank updates owned by single tasks: `y + (x A_s) B_s` on the rows (sequences) whose
+    task holds adapter slot s, `y` itself, bit for bit, on every other row.
+
+    B starts at zero, so a new slot changes nothing until it trains.
+    """
+
+    def __init__(self, d_in: int, d_out: int, slots: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(slots, d_in, rank) / math.sqrt(d_in))
+        self.B = nn.Parameter(torch.zeros(slots, rank, d_out))
+
+    def forward(self, x_BLI: torch.Tensor, y_BLO: torch.Tensor, slot_B: torch.Tensor) -> torch.Tensor:
+        s = slot_B.clamp(min=0)
+        delta = torch.bmm(torch.bmm(x_BLI, self.A[s].to(x_BLI.dtype)), self.B[s].to(x_BLI.dtype))
+        return torch.where((slot_B >= 0)[:, None, None], y_BLO + delta.to(y_BLO.dtype), y_BLO)
+
+    def rows(self, x_NI: torch.Tensor, y_NO: torch.Tensor, slot_N: torch.Tensor) -> torch.Tensor:
+        """The same on flat rows (e.g. the LM head's scored positions), one slot at a time:
+        gathering a [rows, rank, out] B per row would not fit for a vocabulary-wide output."""
+        for s in range(self.A.shape[0]):
+            delta = (x_NI @ self.A[s].to(x_NI.dtype)) @ self.B[s].to(x_NI.dtype)
+            y_NO = torch.where((slot_N == s)[:, None], y_NO + delta.to(y_NO.dtype), y_NO)
+        return y_NO
+
+
+class TaskFFN(nn.Module):
+    """A small SwiGLU FFN owned by one task per slot, added to its rows' block output only
+    (`y + w2_s(silu(w1_s h) * w3_s h)`); other rows keep `y` bit for bit. w2 starts at zero.
+
+    Low-rank linear updates cannot learn a lookup such as the sum of two digits; the new
+    task's experts could, but its tokens mostly keep using the old ones.
+    """
+
+    def __init__(self, d_model: int, hidden: int, slots: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(slots, d_model, hidden) / math.sqrt(d_model))
+        self.w3 = nn.Parameter(torch.randn(slots, d_model, hidden) / math.sqrt(d_model))
+        self.w2 = nn.Parameter(torch.zeros(slots, hidden, d_model))
+
+    def forward(self, h_BLD: torch.Tensor, y_BLD: torch.Tensor, slot_B: torch.Tensor) -> torch.Tensor:
+        s = slot_B.clamp(min=0)
+        w1, w3, w2 = (w[s].to(h_BLD.dtype) for w in (self.w1, self.w3, self.w2))
+        delta = torch.bmm(F.silu(torch.bmm(h_BLD, w1)) * torch.bmm(h_BLD, w3), w2)
+        return torch.where((slot_B >= 0)[:, None, None], y_BLD + delta.to(y_BLD.dtype), y_BLD)
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter belongs to a task adapter (`[slots, ...]`, one slot per owning task)."""
+    return any(part in ("lora", "adapter", "lm_adapter") for part in name.split("."))
+
+
+def task_lora(cfg: ModelConfig, d_in: int, d_out: int) -> TaskLoRA | None:
+    return TaskLoRA(d_in, d_out, len(cfg.adapter_tasks), cfg.adapter_rank) if cfg.adapter_tasks else None
+
+
 class Attention(nn.Module):
     """Multi-query / grouped-query self-attention (n_kv_heads <= n_heads) through SDPA."""
 
@@ -64,12 +120,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        hq, hkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        lora = {n: task_lora(cfg, d_in, d_out) for n, d_in, d_out in
+                (("q", cfg.d_model, hq), ("k", cfg.d_model, hkv), ("v", cfg.d_model, hkv), ("o", hq, cfg.d_model))}
+        self.lora = nn.ModuleDict(lora) if cfg.adapter_tasks else None  # fmt: skip
 
-    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _proj(self, name: str, x: torch.Tensor, slot_B: torch.Tensor | None) -> torch.Tensor:
+        y = getattr(self, f"w{name}")(x)
+        return y if self.lora is None or slot_B is None else self.lora[name](x, y, slot_B)
+
+    def forward(self, x_BLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                slot_B: torch.Tensor | None = None) -> torch.Tensor:
+        """slot_B: each sequence's task-adapter slot (-1: none); None when the model has no adapters."""
         B, L, _ = x_BLD.shape
-        q = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self._proj("q", x_BLD, slot_B).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self._proj("k", x_BLD, slot_B).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self._proj("v", x_BLD, slot_B).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:
             # Expanding K/V is a view plus one copy; SDPA's enable_gqa is not taken by every kernel.
@@ -80,7 +146,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+        return self._proj("o", y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim), slot_B)
 
 
 class ParallelBlock(nn.Module):
@@ -91,11 +157,17 @@ class ParallelBlock(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.attn = Attention(cfg)
         self.ffn = ffn
+        # a task's own small FFN beside the shared one (hidden 4 x adapter_rank)
+        self.adapter = TaskFFN(cfg.d_model, 4 * cfg.adapter_rank, len(cfg.adapter_tasks)) if cfg.adapter_tasks else None
 
-    def forward(self, x_BLD, cos, sin, mask, task_ids_BL, modality_ids_BL=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BLD, cos, sin, mask, task_ids_BL, modality_ids_BL=None,
+                slot_B=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm(x_BLD)
         ffn_out = self.ffn(h, task_ids_BL, modality_ids_BL)
-        return x_BLD + self.attn(h, cos, sin, mask) + ffn_out.out, ffn_out.aux_loss
+        y = x_BLD + self.attn(h, cos, sin, mask, slot_B) + ffn_out.out
+        if self.adapter is not None and slot_B is not None:
+            y = self.adapter(h, y, slot_B)
+        return y, ffn_out.aux_loss
 
 
 def attention_mask(prefix_len_B: torch.Tensor | None, L: int, device: torch.device) -> torch.Tensor | None:
@@ -138,13 +210,19 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        slots = torch.full((cfg.max_tasks,), -1, dtype=torch.long)  # task id -> adapter slot
+        slots[list(cfg.adapter_tasks)] = torch.arange(len(cfg.adapter_tasks))
+        self.register_buffer("adapter_slot", slots, persistent=False)
+        # A task's own low-rank update of the tied LM head: a token no old task ever wrote has an
+        # untrained, near-zero embedding that the frozen head cannot make win (e.g. "+", "=").
+        self.lm_adapter = task_lora(cfg, cfg.d_model, vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2 or "pathway" in name:  # pathway priors start at 0: no task prefers an expert yet
-                continue
+            if p.dim() < 2 or "pathway" in name or is_adapter(name):
+                continue  # pathway priors start at 0 (no task prefers an expert yet); adapters keep their init
             # Output projections scaled by depth (GPT-2): the residual stream's variance stays flat.
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
@@ -174,13 +252,20 @@ class Decoder(nn.Module):
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         task_ids_BL = task_ids_B[:, None].expand(B, L)  # every token carries its task to the routers
         aux_total = x.new_zeros(())
+        slot_B = self.adapter_slot[task_ids_B] if self.cfg.adapter_tasks else None
         for block in self.blocks:
-            x, aux = block(x, cos, sin, mask, task_ids_BL, modality_ids_BL)
+            x, aux = block(x, cos, sin, mask, task_ids_BL, modality_ids_BL, slot_B)
             if aux is not None:
                 aux_total = aux_total + aux
         if logits_at_BL is not None:
             x = x[logits_at_BL]  # [N, D]
-        logits = F.linear(self.norm(x), self.tok_embed.weight)  # tied input/output embeddings
+        h = self.norm(x)
+        logits = F.linear(h, self.tok_embed.weight)  # tied input/output embeddings
+        if slot_B is not None:
+            slot_BL = slot_B[:, None].expand(B, L)
+            slot_N = slot_BL[logits_at_BL] if logits_at_BL is not None else slot_BL.reshape(-1)
+            logits = self.lm_adapter.rows(h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1]), slot_N)
+            logits = logits.view(*h.shape[:-1], -1)
         return DecoderOutput(logits, aux_total)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

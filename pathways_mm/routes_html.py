@@ -187,7 +187,7 @@ def _views_html(v: Views) -> list[str]:
         _section("heatmap", "Task x expert, per MoE layer",
                  "Share of each task's routes (token, chosen expert) that each expert receives; rows sum to 1. "
                  "H = mean gate entropy per token (nats).", "<br>".join(maps)),
-        _section("pathways", "Pathways", f"Each task's main experts in every MoE layer (the fewest carrying half of its "
+        _section("pathways", "Pathways", "Each task's main experts in every MoE layer (the fewest carrying half of its "
                  "routes), linked layer to layer. White ringed nodes are shared by several tasks (count inside).",
                  svg_pathways(v)),
         _section("reuse", "Expert reuse between tasks", "Overlap of two tasks' routing distributions, "

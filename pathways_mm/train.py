@@ -23,7 +23,7 @@ from pathways_mm import engine as ds_engine
 from pathways_mm import faults
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import Batch, collate
-from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, MoEConfig, data_root, load_config, to_dict
+from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, ModelConfig, MoEConfig, data_root, load_config, to_dict
 from pathways_mm.data import MixtureSampler, encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError, TrainingAborted
@@ -84,6 +84,9 @@ def checkpoint_meta(cfg: ExperimentConfig, ts: TaskSet, tok: TextTokenizer, step
         "step": step,
         "config": to_dict(cfg),
         "task_table": ts.table,
+        # per task: the experts it owns (add-task's grown ones) and whether it is frozen; the
+        # priors and allowed-expert masks themselves are weights (router.pathway / .allowed)
+        "pathways": {name: {"id": i, "owns_experts": [], "frozen": False, "added_by": "train"} for name, i in ts.table.items()},
         "tokenizer_hash": tok.hash,
         "vocab_size": tok.vocab_size,
     }
@@ -332,9 +335,9 @@ def check_compatible(meta: dict[str, Any], cfg: ExperimentConfig, tok: TextToken
             "evaluate or resume with the tokenizer it was trained with"
         )
     old, new = meta["config"]["model"], to_dict(cfg.model)
-    diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
+    defaults = to_dict(ModelConfig())  # a key the checkpoint's pathways-mm did not have yet holds its default there
+    diff = [f"model.{k}" for k in new if k != "moe" and old.get(k, defaults[k]) != new[k]]
     old_moe = old.get("moe") if isinstance(old.get("moe"), dict) else {}
-    # A key the checkpoint's pathways-mm did not have yet holds its default there.
     old_moe = {**to_dict(MoEConfig()), **old_moe}
     diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old_moe.get(k) != new["moe"][k]]
     if resume and old_moe.get("ep_size") != new["moe"]["ep_size"]:

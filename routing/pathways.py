@@ -13,6 +13,7 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import nn
 
+from pathways_mm.decoder import is_adapter
 from pathways_mm.routing.experts import WEIGHT_NAMES
 from pathways_mm.routing.moe import PathwaysMoE
 
@@ -114,9 +115,26 @@ def _masked(p: nn.Parameter, mask: torch.Tensor) -> None:
     p.register_hook(lambda g: g * keep.to(g.device))
 
 
-def freeze_for_new_task(model: nn.Module, task_id: int, new_experts: list[int], ep_rank: int) -> Freeze:
-    """Freeze all but the new task's pathway: its task-embedding row and prior row, and the new
-    experts with their router rows (global ids `new_experts`; this rank holds some or none).
+def with_adapters(full: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`full` plus the adapter weights of a model with one more slot: old slots from `full`, the
+    new one from `fresh` (the new model's own initial weights; its B is zero, so it changes nothing)."""
+    out = dict(full)
+    for name, value in fresh.items():
+        if not is_adapter(name):
+            continue
+        new = value.detach().clone()
+        old = full.get(name)
+        if old is not None:
+            new[: old.shape[0]] = old
+        out[name] = new
+    return out
+
+
+def freeze_for_new_task(model: nn.Module, task_id: int, new_experts: list[int], ep_rank: int,
+                        adapter_slot: int | None = None) -> Freeze:
+    """Freeze all but the new task's pathway: its task-embedding row and prior row, the new
+    experts with their router rows (global ids `new_experts`; this rank holds some or none) and
+    its adapter slot.
 
     Frozen whole tensors stop needing gradients; partly trainable ones (an embedding table, the
     prior matrix, stacked experts) get a gradient mask. With a zero gradient and no weight decay,
@@ -129,6 +147,9 @@ def freeze_for_new_task(model: nn.Module, task_id: int, new_experts: list[int], 
             mask[task_id] = True
         elif name.endswith(".deepspeed_moe.gate.wg.weight"):
             mask[new_experts] = True
+        elif is_adapter(name):
+            if adapter_slot is not None:
+                mask[adapter_slot] = True
         elif ".deepspeed_moe.experts." in name:
             layer = model.get_submodule(name.split(".deepspeed_moe.")[0])
             n = layer.num_local_experts

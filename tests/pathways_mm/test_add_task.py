@@ -73,11 +73,13 @@ def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_d
     assert meta["pathways"]["text_lm"]["frozen"] is True
     moe = meta["config"]["model"]["moe"]
     assert moe["num_experts"] == 4 + grow
+    assert meta["config"]["model"]["adapter_tasks"] == [2] and report["adapter_rank"] == 16
     if grow:
-        assert moe["expert_groups"] == {"base": 4, "digit_image": 2} and report["params_added"] > 0
+        assert moe["expert_groups"] == {"base": 4, "digit_image": 2}
         assert 0.0 < report["reuse"]["share_on_old_experts"] < 1.0
     else:
-        assert report["params_added"] == 0 and report["reuse"]["share_on_old_experts"] == 1.0
+        assert report["reuse"]["share_on_old_experts"] == 1.0  # no expert of its own: every route reuses
+    assert report["params_added"] > 0 and report["trainable_elements"] >= report["params_added"]
     # The new run is an ordinary checkpoint: eval loads it with its grown layers.
     res = run_cli(["eval", out, "--max-samples", "4", "--out", tmp_path / "ev.json"], data_dir)
     assert res.returncode == 0 and "digit_image" in res.stdout, res.stderr[-2000:]

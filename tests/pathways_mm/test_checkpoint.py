@@ -1,7 +1,6 @@
 """Checkpoint integrity: manifests, fallback past damaged checkpoints, refusal of pickled code, NaN steps."""
 
 import json
-import pickle
 
 import pytest
 import torch

@@ -149,3 +149,28 @@ def test_named_sizes_build(size):
     else:
         model = Decoder(cfg, 4096)
     assert model.num_params() > 0
+
+
+def test_task_adapters_change_only_their_own_tasks_rows():
+    """A model with adapters gives rows of tasks without a slot exactly the plain model's logits."""
+    import dataclasses
+
+    from pathways_mm.decoder import Decoder
+
+    cfg = ModelConfig(max_seq_len=32)
+    torch.manual_seed(0)
+    plain = Decoder(cfg, 64)
+    adapted = Decoder(dataclasses.replace(cfg, adapter_rank=4, adapter_tasks=(2,)), 64)
+    missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("lora" in k or "adapter" in k for k in missing)
+    for name, p in adapted.named_parameters():  # a trained adapter: every part non-zero
+        if "lora" in name or "adapter" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(0, 64, (3, 10))
+    tasks = torch.tensor([0, 2, 1])
+    a, b = plain(tokens, tasks).logits, adapted(tokens, tasks).logits
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and not torch.allclose(a[1], b[1])
+    at = torch.zeros(3, 10, dtype=torch.bool)
+    at[:, -3:] = True
+    a, b = plain(tokens, tasks, logits_at_BL=at).logits, adapted(tokens, tasks, logits_at_BL=at).logits
+    assert torch.equal(a[:3], b[:3]) and torch.equal(a[6:], b[6:]) and not torch.allclose(a[3:6], b[3:6])
