@@ -147,20 +147,27 @@ def test_bad_requests_are_one_line_errors_and_touch_nothing(case, message, base_
     assert _files(src) == before and not (tmp_path / "new").exists()
 
 
-@pytest.mark.distributed
-def test_add_task_over_two_processes_with_expert_parallelism(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setenv("PMM_DATA", str(data_dir))
-    base, out = tmp_path / "ep2", tmp_path / "ep2+digit_image"
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory, data_dir):
+    base = tmp_path_factory.mktemp("addtask_ep2") / "ep2"
     res = deepspeed_launch(2, ["--config", MOE_CFG, "--set", "model.moe.ep_size=2", "--set", "train.steps=4", *QUICK,
                                "--set", f"train.out_dir={base}"], data_dir)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = deepspeed_launch(2, ["--from", base, "--task", "digit_image", "--grow-experts", "2", "--steps", "3",
+    return base
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("grow", [0, 2])
+def test_add_task_over_two_processes_with_expert_parallelism(grow, ep2_run, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("PMM_DATA", str(data_dir))
+    base, out = ep2_run, tmp_path / "ep2+digit_image"
+    res = deepspeed_launch(2, ["--from", base, "--task", "digit_image", "--grow-experts", grow, "--steps", "3",
                                "--out-dir", out, *QUICK], data_dir, module="pathways_mm.add_task")  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    # 6 experts over 2 ranks: the new ones (4, 5) land on rank 1, old expert 3 moves to rank 1's neighbour
-    assert sorted(p.name for p in (out / "checkpoints" / "step_0000003").glob("layer_0_expert_*")) == [
-        f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(6)
-    ]
+    # 4 + grow experts over 2 ranks, one file per global expert (with grow 2, old expert 2 moves from rank 1 to rank 0)
+    assert sorted(p.name for p in (out / "checkpoints" / "step_0000003").glob("layer_0_expert_*")) == sorted(
+        f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4 + grow)
+    )
     report = json.loads((out / "add_task_report.json").read_text())
     assert report["old_outputs_bit_identical"] is True
     for a, b in zip(outputs(base, data_dir), outputs(out, data_dir), strict=True):
