@@ -2,7 +2,8 @@
 
     pathways-mm export --from CKPT --task NAME --out DIR [--max-samples N]
 
-The pathway of a task in a layer is the set of experts its tokens reach. They are counted on
+The pathway of a task in a layer is the set of experts its tokens reach; of the task adapters
+(add-task's), only the task's own slot is kept. They are counted on
 the task's evaluation data, teacher-forced and while greedy decoding, so every forward the
 parity check makes stays inside the kept experts. The sub-network keeps every router in full
 (a few numbers per expert) and cuts its logits to the kept experts, so a token's experts and
@@ -27,6 +28,7 @@ from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import collate, prompt_only
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
 from pathways_mm.data import encode, load_split
+from pathways_mm.decoder import is_adapter
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.model import PathwaysModel, build_model
@@ -51,6 +53,28 @@ def cut(model: PathwaysModel, keep: dict[str, list[int]], drop: list[str]) -> Pa
     for attr in drop:
         setattr(sub, attr, None)
     return sub
+
+
+def own_adapters_only(cfg: ExperimentConfig, tid: int) -> ExperimentConfig:
+    """The config with only task `tid`'s adapter slot (none if it has none): other tasks'
+    adapters never touch this task's sequences."""
+    m = cfg.model
+    tasks = (tid,) if tid in m.adapter_tasks else ()
+    model = dataclasses.replace(m, adapter_tasks=tasks, adapter_rank=m.adapter_rank if tasks else 0)
+    return cfg.replace(model=model)
+
+
+def adapter_slice(state: dict[str, torch.Tensor], cfg: ExperimentConfig, tid: int) -> dict[str, torch.Tensor]:
+    """`state` with each adapter weight cut to task `tid`'s slot (dropped if it has none)."""
+    slots = cfg.model.adapter_tasks
+    out = {}
+    for name, value in state.items():
+        if not is_adapter(name):
+            out[name] = value
+        elif tid in slots:
+            i = slots.index(tid)
+            out[name] = value[i : i + 1]
+    return out
 
 
 def _data(task, cfg: ExperimentConfig, tok, max_samples: int):
@@ -111,7 +135,10 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
             prior = model.get_submodule(name).router.pathway[tid].detach()
             keep[name] = sorted(set(ids) | set(torch.argsort(prior, descending=True)[:top_k].tolist()))
     drop = [attr for modality, attr in ENCODERS.items() if modality not in task.modalities]
-    sub = cut(model, keep, drop)
+    sub_cfg = own_adapters_only(cfg, tid)
+    sub = build_model(sub_cfg.model, tok.vocab_size)
+    sub.load_state_dict(adapter_slice(model.state_dict(), cfg, tid))
+    sub = cut(sub.to(ds_engine.device()).eval(), keep, drop)
     sub_logits, sub_gens = run_task(sub, task, tid, samples, cfg, tok)
     diff = max((float((a - b).abs().max()) for a, b in zip(full_logits, sub_logits) if a.numel()), default=0.0)
     parity = {
@@ -127,7 +154,7 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
         "source": str(tag_dir),
         "task": task_name,
         "task_id": tid,
-        "config": meta["config"] | {"model": dataclasses.asdict(cfg.model)},
+        "config": meta["config"] | {"model": dataclasses.asdict(sub_cfg.model)},
         "tokenizer_hash": meta["tokenizer_hash"],
         "kept_experts": keep,
         "dropped_encoders": drop,

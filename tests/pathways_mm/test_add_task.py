@@ -83,6 +83,17 @@ def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_d
     # The new run is an ordinary checkpoint: eval loads it with its grown layers.
     res = run_cli(["eval", out, "--max-samples", "4", "--out", tmp_path / "ev.json"], data_dir)
     assert res.returncode == 0 and "digit_image" in res.stdout, res.stderr[-2000:]
+    if grow:  # export keeps a task's own adapter slot only, and its outputs stay the full model's
+        from pathways_mm.export import load_export
+
+        for task, slots in (("digit_image", [2]), ("text_arith", [])):
+            res = run_cli(["export", "--from", out, "--task", task, "--out", tmp_path / task, "--max-samples", "6"], data_dir)
+            assert res.returncode == 0, res.stderr[-3000:]
+            sub, info = load_export(tmp_path / task)
+            assert info["config"]["model"]["adapter_tasks"] == slots and info["parity"]["logits_bit_identical"]
+            assert info["params_export"] < info["params_full"]
+            if task == "text_arith":  # an old task never reaches the experts grown for digit_image
+                assert all(max(ids) < 4 for ids in info["kept_experts"].values())
 
 
 def test_grown_state_keeps_old_rows_and_masks_new_experts():
