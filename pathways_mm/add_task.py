@@ -28,7 +28,8 @@ import torch
 from pathways_mm import engine as ds_engine
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import IGNORE, collate
-from pathways_mm.config import ContinualConfig, ExperimentConfig, config_from_dict, data_root, load_config, merge_dicts, parse_overrides, to_dict
+from pathways_mm.config import (ContinualConfig, ExperimentConfig, config_from_dict, data_root, load_config, merge_dicts,
+                                one_process, parse_overrides, to_dict)
 from pathways_mm.data import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
@@ -83,8 +84,9 @@ class AddTaskHooks(Hooks):
     """Loads and grows the source weights, freezes, checks the old outputs, measures reuse."""
 
     def __init__(self, tag_dir: Path, old_cfg: ExperimentConfig, cfg: ExperimentConfig, task: str, grow: int,
-                 freeze: bool, tok: TextTokenizer):
+                 freeze: bool, tok: TextTokenizer, old_pathways: dict[str, Any] | None):
         self.tag_dir, self.old_cfg, self.cfg, self.task, self.grow, self.freeze = tag_dir, old_cfg, cfg, task, grow, freeze
+        self.old_pathways = old_pathways  # the source checkpoint's per-task record, carried forward
         self.tok = tok
         self.old_tasks = [get_task(t) for t in old_cfg.tasks]
         self.new_tid = len(old_cfg.tasks)
@@ -103,8 +105,7 @@ class AddTaskHooks(Hooks):
         from pathways_mm.losses import forward_loss
 
         cfg = self.old_cfg
-        one = cfg.replace(model=dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ep_size=1)))
-        model = build_model(one.model, self.tok.vocab_size)
+        model = build_model(one_process(cfg).model, self.tok.vocab_size)
         _load(model, full, self.tag_dir)
         model.to(ds_engine.device()).eval()
         task = get_task(self.task)
@@ -190,7 +191,7 @@ class AddTaskHooks(Hooks):
                 "old_experts_used": int((counts[:, : self.num_old_experts] > 0).sum())}  # fmt: skip
 
     def meta(self) -> dict[str, Any]:
-        return {"pathways": pathway_record(self.cfg, self.old_meta_pathways, self.task, self.growth, self.freeze)}
+        return {"pathways": pathway_record(self.cfg, self.old_pathways, self.task, self.growth, self.freeze)}
 
 
 def pathway_record(cfg: ExperimentConfig, old: dict[str, Any] | None, task: str, growth, freeze: bool) -> dict[str, Any]:
@@ -280,8 +281,8 @@ def run_add_task(source: str, task: str, grow: int = 0, steps: int = 300, out_di
 
     tag_dir, meta, old, cfg = prepare(source, task, grow, steps, out_dir, config, overrides, freeze, adapter_rank)
     tok = load_tokenizer()
-    hooks = AddTaskHooks(tag_dir, old, cfg, task, grow, freeze, tok)
-    hooks.old_meta_pathways = meta.get("pathways") if isinstance(meta.get("pathways"), dict) else None
+    old_pathways = meta.get("pathways") if isinstance(meta.get("pathways"), dict) else None
+    hooks = AddTaskHooks(tag_dir, old, cfg, task, grow, freeze, tok, old_pathways)
     summary = run(cfg, hooks=hooks)
     rank, _ = ds_engine.rank_world()
     report = build_report(hooks, cfg, old, hooks.before_metrics, summary, source=str(tag_dir))
@@ -295,8 +296,8 @@ def run_add_task(source: str, task: str, grow: int = 0, steps: int = 300, out_di
 
 def _added_params(cfg: ExperimentConfig, old: ExperimentConfig, vocab: int) -> tuple[int, int]:
     """(parameters added, total of the new model) over all ranks."""
-    new_total, _ = param_counts(build_model(dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ep_size=1)), vocab))
-    old_total, _ = param_counts(build_model(dataclasses.replace(old.model, moe=dataclasses.replace(old.model.moe, ep_size=1)), vocab))
+    new_total, _ = param_counts(build_model(one_process(cfg).model, vocab))
+    old_total, _ = param_counts(build_model(one_process(old).model, vocab))
     return new_total - old_total, new_total
 
 

@@ -440,6 +440,12 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("model.audio: need n_fft >= hop_length >= 1 and n_mels >= 1")
 
 
+def one_process(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with every expert in this process (moe.ep_size 1): how a one-process tool loads any checkpoint."""
+    moe = dataclasses.replace(cfg.model.moe, ep_size=1)
+    return cfg.replace(model=dataclasses.replace(cfg.model, moe=moe))
+
+
 def resolve_relative(cfg: ExperimentConfig, path: str) -> Path:
     """Paths inside a config are relative to the experiment file's folder (else to the cwd)."""
     p = Path(path)

@@ -16,7 +16,7 @@ import torch
 
 from pathways_mm import engine as ds_engine
 from pathways_mm.checkpoint import atomic_write_text
-from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
+from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process
 from pathways_mm.collate import PAD_MODALITY, TEXT, Batch, collate, prompt_only
 from pathways_mm.data import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
@@ -221,7 +221,7 @@ def run_eval(ckpt: str, split: str | None = None, max_samples: int | None = None
     moe = cfg.model.moe
     if moe.num_experts and (moe.ep_size > world or world % moe.ep_size):
         # Experts are stored one file each, so any ep_size that fits this run can load them.
-        cfg = cfg.replace(model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, ep_size=1)))
+        cfg = one_process(cfg)
     tok = load_tokenizer()
     check_compatible(meta, cfg, tok, where=str(tag_dir / ds_engine.META_FILE))
     # Only plugins the user names are imported: a checkpoint from someone else must not choose code to run.

@@ -14,7 +14,6 @@ kept experts, parameter counts, parity result); `load_export(DIR)` rebuilds the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import sys
@@ -26,7 +25,7 @@ import torch
 from pathways_mm import engine as ds_engine
 from pathways_mm.checkpoint import atomic_write_text
 from pathways_mm.collate import collate, prompt_only
-from pathways_mm.config import ExperimentConfig, config_from_dict, data_root
+from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process
 from pathways_mm.data import encode, load_split
 from pathways_mm.decoder import is_adapter
 from pathways_mm.encoders.text import load_tokenizer
@@ -40,19 +39,13 @@ WEIGHTS = "model.pt"
 ENCODERS = {"image": "vision", "audio": "audio"}
 
 
-def _one_process(cfg: ExperimentConfig) -> ExperimentConfig:
-    moe = dataclasses.replace(cfg.model.moe, ep_size=1)
-    return cfg.replace(model=dataclasses.replace(cfg.model, moe=moe))
-
-
 def cut(model: PathwaysModel, keep: dict[str, list[int]], drop: list[str]) -> PathwaysModel:
-    """A copy of `model` with each MoE layer cut to `keep[layer]` and the `drop` encoders removed."""
-    sub = copy.deepcopy(model)
-    for name, layer in pathways.moe_layers(sub):
+    """`model`, cut in place: each MoE layer to `keep[layer]`, the `drop` encoders removed."""
+    for name, layer in pathways.moe_layers(model):
         pathways.restrict_experts(layer, keep[name])
     for attr in drop:
-        setattr(sub, attr, None)
-    return sub
+        setattr(model, attr, None)
+    return model
 
 
 def own_adapters_only(cfg: ExperimentConfig, tid: int) -> ExperimentConfig:
@@ -105,7 +98,7 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
     table = meta["task_table"]
     if task_name not in table:
         raise ConfigError(f"task '{task_name}' is not in {tag_dir} (it holds {', '.join(sorted(table, key=table.get))})")
-    cfg = _one_process(config_from_dict(meta["config"]))
+    cfg = one_process(config_from_dict(meta["config"]))
     if not cfg.model.moe.num_experts:
         raise ConfigError(f"{tag_dir} is a dense model: there are no experts to cut (export needs MoE layers)")
     out_dir = Path(out)

@@ -1,6 +1,5 @@
 """`pathways-mm add-task`: old tasks' outputs stay bit-identical, with and without new experts."""
 
-import dataclasses
 import json
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from pathways_mm import checkpoint as ckpt
 from pathways_mm.add_task import _probe_batch, target_logits
-from pathways_mm.config import config_from_dict
+from pathways_mm.config import config_from_dict, one_process
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.engine import load_full_state
 from pathways_mm.model import build_model
@@ -27,8 +26,7 @@ def outputs(run_dir, data_dir, tasks=OLD) -> list[torch.Tensor]:
     """Teacher-forced logits of `tasks` (ids in table order) from a checkpoint, in this process (ep_size 1)."""
     tag = ckpt.resolve_checkpoint(run_dir)
     meta = ckpt.read_meta(tag)
-    cfg = config_from_dict(meta["config"])
-    cfg = cfg.replace(model=dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ep_size=1)))
+    cfg = one_process(config_from_dict(meta["config"]))
     tok = load_tokenizer()
     model = build_model(cfg.model, tok.vocab_size)
     model.load_state_dict(load_full_state(tag))
