@@ -6,7 +6,7 @@ PMM    := $(VENV)/bin/pathways-mm
 STAMP  := $(VENV)/.installed
 DEMO   ?= configs/experiments/demo.yaml
 
-.PHONY: all install demo test test-fast tokenizer clean
+.PHONY: all install demo lint format test test-fast tokenizer clean
 
 all: test
 
@@ -25,7 +25,16 @@ demo: $(STAMP)
 	$(PMM) eval runs/demo --out runs/demo/eval.json --routes runs/demo/routes.json
 	$(PMM) routes runs/demo/routes.json --out runs/demo/routes
 
-test: $(STAMP)
+# The formatter and linter the field uses; configured in pyproject.toml. `make format` applies both.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -4,6 +4,8 @@ A clip is an `Audio(samples, sample_rate)`: mono int16 (or float in -1..1) at ex
 `model.audio.sample_rate` — a clip at another rate is refused rather than resampled behind the
 user's back. The encoder maps a padded batch to `[N, M, d_model]` with a length mask; padded
 frames are zeroed before every convolution, so a clip encodes the same whatever shares its batch.
+
+Shape suffixes: N clips, T samples, C channels, F mel bins, M frames after subsampling, D d_model.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
+            sample_rate=cfg.sample_rate,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels,
             pad_mode="constant",  # zeros at the ends, as batch padding: the last frames do not depend on the batch
         )
         self.conv1 = nn.Conv1d(cfg.n_mels, d_model, 3, stride=2, padding=1)

@@ -74,7 +74,9 @@ def build(out: Path, num_paragraphs: int | None = None, vocab_size: int = VOCAB_
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=default_model_path(), help="where to write the model")
-    p.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare with --out; exit 1 if different")
+    p.add_argument(
+        "--check", action="store_true", help="rebuild in a temp dir and compare with --out; exit 1 if different"
+    )
     # a small build for the determinism test; not for real use
     p.add_argument("--num-paragraphs", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help=argparse.SUPPRESS)
@@ -85,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = build(Path(tmp) / "check.model", args.num_paragraphs, args.vocab_size).read_bytes()
         same = args.out.is_file() and args.out.read_bytes() == fresh
-        print(f"{args.out}: {'matches' if same else 'DIFFERS from'} a fresh build ({time.perf_counter() - start:.1f} s)")
+        print(
+            f"{args.out}: {'matches' if same else 'DIFFERS from'} a fresh build ({time.perf_counter() - start:.1f} s)"
+        )
         return 0 if same else 1
     build(args.out, args.num_paragraphs, args.vocab_size)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - start:.1f} s")

@@ -5,6 +5,8 @@ background. `prepare_image` resizes to `image_size` rows, keeps the aspect (a st
 stays k times as wide), and in training applies a random affine. The encoder turns a padded
 batch into `[N, P, d_model]` patch embeddings in column-major order, so a narrower image's
 patches are a prefix and its mask is `patch < num_patches`.
+
+Shape suffixes: N images, C channels, H rows, W columns, P patches, D d_model.
 """
 
 from __future__ import annotations
@@ -66,8 +68,14 @@ def prepare_image(img, cfg: VisionConfig, rng: np.random.Generator | None = None
         tx = float(rng.uniform(-1, 1)) * cfg.max_translate * cfg.image_size
         ty = float(rng.uniform(-1, 1)) * cfg.max_translate * cfg.image_size
         scale = 1.0 + float(rng.uniform(-1, 1)) * cfg.max_scale
-        x = TF.affine(x, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
-                      interpolation=TF.InterpolationMode.BILINEAR)
+        x = TF.affine(
+            x,
+            angle=angle,
+            translate=[tx, ty],
+            scale=scale,
+            shear=[0.0, 0.0],
+            interpolation=TF.InterpolationMode.BILINEAR,
+        )
     return x.clamp_(0, 1)
 
 
@@ -105,4 +113,3 @@ class VisionEncoder(nn.Module):
         num_N = (widths_N // self.cfg.patch_size) * rows
         mask_NP = torch.arange(cols * rows, device=x.device)[None] < num_N[:, None]
         return x_NPD, mask_NP
-

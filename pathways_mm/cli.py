@@ -1,12 +1,26 @@
-"""The `pathways-mm` command line. User errors print one line and exit with status 2."""
+"""The `pathways-mm` command line: the only argument parser. User errors print one line and exit 2.
+
+One entry point for every command, in one process or under the DeepSpeed launcher:
+
+    pathways-mm train CONFIG ...
+    deepspeed --num_gpus N --module pathways_mm.cli train CONFIG ...
+
+The launcher puts `--local_rank=R` before the command; the rank itself comes from the
+environment it sets (RANK, WORLD_SIZE, ...). Command modules are imported inside the command
+functions so that `pathways-mm --help`, `tasks` and `routes` start without loading DeepSpeed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+from pathways_mm.config import load_config, parse_overrides
 from pathways_mm.errors import ConfigError, TrainingAborted
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
@@ -29,84 +43,92 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from pathways_mm.config import load_config
-    from pathways_mm.engine import setup_single_process_env, shutdown
-    from pathways_mm.train import run
+def in_process_group(fn: Callable[[], Any]) -> int:
+    """`run_guarded` for a command that runs under torch.distributed: one process without a
+    launcher gets the environment DeepSpeed expects, and every rank leaves the group together.
+
+    Not on failure: a barrier there could wait for a rank that died.
+    """
+    from pathways_mm.runtime.engine import setup_single_process_env, shutdown
 
     def go() -> None:
-        cfg = load_config(args.config, args.overrides)
         setup_single_process_env()
-        run(cfg, resume=args.resume, stop_after=args.stop_after)
+        fn()
         shutdown()
 
     return run_guarded(go)
+
+
+def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named parsed arguments as keyword arguments (flags named like the function's parameters)."""
+    return {name: getattr(args, name) for name in names}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathways_mm.training.loop import run
+
+    return in_process_group(
+        lambda: run(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathways_mm.engine import setup_single_process_env, shutdown
-    from pathways_mm.evaluate import run_eval
+    from pathways_mm.training.evaluate import run_eval
 
-    def go() -> None:
-        setup_single_process_env()
-        run_eval(args.checkpoint, split=args.split, max_samples=args.max_samples, out=args.out, overrides=args.overrides,
-                 routes_out=args.routes)
-        shutdown()
-
-    return run_guarded(go)
+    return in_process_group(
+        lambda: run_eval(
+            args.checkpoint,
+            split=args.split,
+            max_samples=args.max_samples,
+            out=args.out,
+            overrides=parse_overrides(args.overrides),
+            routes_out=args.routes,
+        )
+    )
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from pathways_mm.studies.baseline import run_baselines
 
-    from pathways_mm.baseline import run_baselines
-    from pathways_mm.config import load_config
-    from pathways_mm.engine import setup_single_process_env, shutdown
-
-    def go() -> None:
-        cfg = load_config(args.config, args.overrides)
-        setup_single_process_env()
-        run_baselines(cfg, args.task, Path(args.out_dir), compare=args.compare)
-        shutdown()
-
-    return run_guarded(go)
+    return in_process_group(
+        lambda: run_baselines(
+            load_config(args.config, args.overrides), args.task, Path(args.out_dir), compare=args.compare
+        )
+    )
 
 
 def cmd_add_task(args: argparse.Namespace) -> int:
-    from pathways_mm.add_task import run_add_task
-    from pathways_mm.engine import setup_single_process_env, shutdown
+    from pathways_mm.continual.add_task import AddTaskOptions, run_add_task
 
     def go() -> None:
-        setup_single_process_env()
-        run_add_task(args.source, args.task, args.grow_experts, args.steps, args.out_dir, args.config, args.overrides,
-                     freeze=not args.train_all, adapter_rank=args.adapter_rank)
-        shutdown()
+        opts = AddTaskOptions(task=args.task, grow_experts=args.grow_experts, steps=args.steps, out_dir=args.out_dir)
+        opts = dataclasses.replace(opts, config=args.config, overrides=parse_overrides(args.overrides))
+        run_add_task(args.source, dataclasses.replace(opts, freeze=not args.train_all, adapter_rank=args.adapter_rank))
 
-    return run_guarded(go)
+    return in_process_group(go)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pathways_mm.inference.export import run_export
+
+    return run_guarded(lambda: run_export(args.source, args.task, args.out, args.max_samples))
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    from pathways_mm.studies.continual import run_continual
+
     def go() -> None:
-        from pathways_mm.engine import pin_accelerator
-
-        pin_accelerator()
-        from pathways_mm.export import run_export
-
-        run_export(args.source, args.task, args.out, args.max_samples)
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out_dir) if args.out_dir else Path("runs") / f"continual-{cfg.name}"
+        run_continual(cfg, out, say=lambda s: print(s, file=sys.stderr))
 
     return run_guarded(go)
 
 
-def cmd_continual(args: argparse.Namespace) -> int:
-    from pathways_mm.continual import main_cli
-
-    return run_guarded(lambda: main_cli(args.config, args.overrides, args.out_dir))
-
-
 def cmd_routes(args: argparse.Namespace) -> int:
-    def go() -> None:
-        from pathways_mm.routes_plot import draw
+    from pathways_mm.viz.draw import draw
 
+    def go() -> None:
         paths = draw(args.routes, args.out, compare=args.compare)
         print(f"pathways-mm: wrote {len(paths)} files to {args.out} (open {paths[-1]})", file=sys.stderr)
 
@@ -122,95 +144,173 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         w = max(len(i.name) for i in infos)
         print(f"{'task':<{w}}  {'modalities':<18} {'metrics':<28} source")
         for info in infos:
-            mods = ",".join(info.modalities)
-            metrics = ",".join(info.cls.metrics)
-            print(f"{info.name:<{w}}  {mods:<18} {metrics:<28} {info.source}")
+            print(f"{info.name:<{w}}  {','.join(info.modalities):<18} {','.join(info.cls.metrics):<28} {info.source}")
 
     return run_guarded(go)
 
 
-def add_task_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run directory or one of its checkpoints")
-    p.add_argument("--task", required=True, help="the registered task to add")
-    p.add_argument("--grow-experts", type=int, default=0, metavar="G", help="experts per MoE layer that only the new task uses")
-    p.add_argument("--adapter-rank", type=int, default=16, metavar="R",
-                   help="rank of the new task's own low-rank updates of every block's attention and output (0 = none)")
-    p.add_argument("--steps", type=int, default=300, help="training steps for the new task")
-    p.add_argument("--out-dir", default=None, help="the new run directory (default: next to the source run, RUN+TASK)")
-    p.add_argument("--config", default=None, help="optional YAML with train/data/eval settings (same model as the checkpoint)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override train/data/eval settings, e.g. --set train.lr=1e-3")  # fmt: skip
-    p.add_argument("--train-all", action="store_true",
-                   help="baseline: train every weight on the new task (old tasks forget); for comparisons")
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from pathways_mm.bench.moe import run_moe
+
+    opts = _pick(args, "tokens", "dtype", "iters", "warmup", "capacity", "device", "threads", "stock_topk")
+    return run_guarded(lambda: run_moe(args.config, **opts))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pathways-mm", description="One sparse model, many tasks, many modalities.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_bench_telemetry(args: argparse.Namespace) -> int:
+    from pathways_mm.bench.telemetry import run_telemetry
 
-    t = sub.add_parser("train", help="train an experiment in this process (CPU or one GPU)")
+    opts = _pick(args, "iters", "warmup", "threads")
+    return in_process_group(lambda: run_telemetry(args.config, **opts))
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from pathways_mm.bench.train import run_train
+
+    opts = _pick(args, "iters", "warmup", "batch", "seq_len", "dense", "threads")
+    return in_process_group(lambda: run_train(args.config, peak_tflops_override=args.peak_tflops, **opts))
+
+
+def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
+    help = f"override {what}, e.g. --set train.lr=1e-3 (repeatable)"
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train an experiment (one process, or every rank under the deepspeed launcher)")
     t.add_argument("config", help="experiment YAML, e.g. configs/experiments/demo.yaml")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    _add_set(t)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    t.add_argument("--stop-after", type=int, default=None, metavar="STEP",
-                   help="save a checkpoint and stop at this step (e.g. to fit a job's time limit); continue with --resume")
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="save and stop at this step (a job's time limit); continue with --resume",
+    )
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint: per-task table and a JSON report")
     e.add_argument("checkpoint", help="run directory (runs/NAME), its checkpoints/ folder, or one checkpoint")
-    e.add_argument("--split", default=None, help="dataset split (default: the config's eval.split)")
-    e.add_argument("--max-samples", type=int, default=None, help="samples per task (0 = all)")
-    e.add_argument("--out", default=None, help="JSON report path (default: inside the checkpoint)")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("--routes", default=None, metavar="OUT.json",
-                   help="also write where each task's tokens went in every MoE layer (see `pathways-mm routes`)")
+    e.add_argument("--split", help="dataset split (default: the config's eval.split)")
+    e.add_argument("--max-samples", type=int, help="samples per task (0 = all)")
+    e.add_argument("--out", help="JSON report path (default: inside the checkpoint)")
+    _add_set(e, "an eval/data setting")
+    e.add_argument(
+        "--routes",
+        default=None,
+        metavar="OUT.json",
+        help="also write where each task's tokens went (see `pathways-mm routes`)",
+    )
     e.set_defaults(func=cmd_eval)
 
+
+def _add_baseline(sub) -> None:
     b = sub.add_parser("baseline", help="single-task dense baselines of an experiment (same active parameters)")
     b.add_argument("config", help="the multi-task experiment YAML, e.g. configs/experiments/demo.yaml")
-    b.add_argument("--task", action="append", default=[], metavar="NAME",
-                   help="baseline for this task only (repeatable; default: every task of the experiment)")
+    b.add_argument(
+        "--task", action="append", default=[], metavar="NAME", help="only this task (repeatable; default: every task)"
+    )
     b.add_argument("--out-dir", default="runs/baselines", help="one run directory per task under this folder")
-    b.add_argument("--compare", default=None, metavar="EVAL_JSON",
-                   help="the multi-task model's eval report (pathways-mm eval RUN --out FILE) for the comparison table")
-    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--compare", metavar="EVAL_JSON", help="the multi-task run's `eval --out` report, for the table")
+    _add_set(b)
     b.set_defaults(func=cmd_baseline)
 
+
+def _add_add_task(sub) -> None:
     a = sub.add_parser("add-task", help="add a task to a trained model without forgetting the old ones")
-    add_task_arguments(a)
+    a.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run or one of its checkpoints")
+    a.add_argument("--task", required=True, help="the registered task to add")
+    a.add_argument(
+        "--grow-experts", type=int, default=0, metavar="G", help="experts per MoE layer for the new task only"
+    )
+    a.add_argument(
+        "--adapter-rank", type=int, default=16, metavar="R", help="rank of the new task's adapters (0 = none)"
+    )
+    a.add_argument("--steps", type=int, default=300, help="training steps for the new task")
+    a.add_argument("--out-dir", help="the new run directory (default: next to the source run, RUN+TASK)")
+    a.add_argument("--config", help="YAML with train/data/eval settings (same model)")
+    _add_set(a, "a train/data/eval setting")
+    a.add_argument("--train-all", action="store_true", help="baseline: train every weight (old tasks forget)")
     a.set_defaults(func=cmd_add_task)
 
+
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="one task's sub-network: only the experts on its pathway, parity-checked")
-    x.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run directory or one of its checkpoints")
+    x.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run or one of its checkpoints")
     x.add_argument("--task", required=True, help="a task of the checkpoint")
     x.add_argument("--out", required=True, help="new folder for model.pt and export.json")
-    x.add_argument("--max-samples", type=int, default=None,
-                   help="evaluation samples that define the pathway and the parity check (default: eval.max_samples; 0 = all)")
+    x.add_argument("--max-samples", type=int, help="samples that define the pathway and check parity (0 = all)")
     x.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("continual", help="continual benchmark: add tasks one at a time; add-task vs fine-tuning vs scratch")
-    c.add_argument("config", help="experiment YAML with a continual: section, e.g. configs/experiments/continual.yaml")
-    c.add_argument("--out-dir", default=None, help="results folder (default: runs/continual-NAME); rerun to continue")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+def _add_continual(sub) -> None:
+    c = sub.add_parser("continual", help="continual benchmark: add-task vs fine-tuning vs scratch")
+    c.add_argument("config", help="experiment YAML with a continual: section")
+    c.add_argument("--out-dir", help="results folder (default: runs/continual-NAME)")
+    _add_set(c)
     c.set_defaults(func=cmd_continual)
 
-    r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathway graph, reuse, modalities, routes.html")
-    r.add_argument("routes", help="routes JSON written by `pathways-mm eval RUN --routes OUT.json`")
-    r.add_argument("--compare", default=None, metavar="OTHER.json", help="also show what changed from OTHER.json")
+
+def _add_routes_and_tasks(sub) -> None:
+    r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathways, reuse, routes.html")
+    r.add_argument("routes", help="routes JSON from `pathways-mm eval RUN --routes OUT.json`")
+    r.add_argument("--compare", metavar="OTHER.json", help="also show what changed from OTHER.json")
     r.add_argument("--out", required=True, help="folder for the PNG figures and routes.html")
     r.set_defaults(func=cmd_routes)
-
     k = sub.add_parser("tasks", help="list registered tasks, their modalities and where they come from")
     k.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also import this plugin module")
     k.set_defaults(func=cmd_tasks)
 
-    try:
-        from pathways_mm.bench import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: an MoE layer, full training steps, route telemetry")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    m = kinds.add_parser("moe", help="one MoE FFN layer vs a FLOP-matched dense FFN")
+    m.add_argument("--config", choices=["cpu", "h200-a", "h200-b", "h200-c"], default="cpu", help="layer sizes")
+    m.add_argument("--tokens", type=int, help="tokens per step (default: the config's)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--iters", type=int, default=10)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--capacity", type=float, default=1.25, help="capacity factor of the capacity-based rows")
+    m.add_argument("--device", help="default: cuda if available, else cpu")
+    m.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    m.add_argument("--stock-topk", action="store_true", help="also time DeepSpeed's stock gate for top_k > 2")
+    m.set_defaults(func=cmd_bench_moe)
+    t = kinds.add_parser("train", help="full training steps of a pathways-mm model: tokens/s, MFU, peak memory")
+    t.add_argument("--config", choices=["cpu", "1b"], default="cpu", help="model and batch (1b: one GPU)")
+    t.add_argument("--iters", type=int, default=10, help="timed steps per row")
+    t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--batch", type=int, help="micro batch (default: the config's)")
+    t.add_argument("--seq-len", type=int, help="sequence length (default: the config's)")
+    t.add_argument("--dense", action="store_true", help="also time the FLOP-matched dense model")
+    t.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by GPU name)")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
+    t.set_defaults(func=cmd_bench_train)
+    y = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
+    y.add_argument("--config", choices=["cpu", "gpu"], default="cpu", help="model and batch size")
+    y.add_argument("--iters", type=int, default=30, help="timed steps per mode")
+    y.add_argument("--warmup", type=int, default=3)
+    y.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
+    y.set_defaults(func=cmd_bench_telemetry)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pathways-mm", description="One sparse model, many tasks, many modalities.")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_eval,
+        _add_baseline,
+        _add_add_task,
+        _add_export,
+        _add_continual,
+        _add_routes_and_tasks,
+        _add_bench,
+    ):
+        add(sub)
     return p
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from pathways_mm.errors import ConfigError
+from pathways_mm.io import existing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +46,18 @@ class MoEConfig:
     expert_groups: dict[str, int] = field(default_factory=dict)
 
 
-# How a layer runs, not what it computes: a checkpoint loads whatever these are set to.
-MOE_RUNTIME_KEYS = ("impl", "capacity_factor", "eval_capacity_factor", "ep_size", "debug_route_to", "router_jitter")
+# How a layer runs or trains, not what a trained layer computes: a checkpoint loads whatever
+# these are set to (`model_differences` ignores them).
+MOE_RUNTIME_KEYS = (
+    "impl",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "ep_size",
+    "debug_route_to",
+    "router_jitter",
+    "balance_coef",
+    "z_loss_coef",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,16 +88,31 @@ class AudioConfig:
     time_mask: int = 10  # frames
 
 
+# Named sizes. `debug` trains in seconds on a CPU; `1b` is for GPUs (with MoE every second
+# layer and 16 experts it holds about a billion parameters).
+SIZES: dict[str, dict[str, int]] = {
+    "debug": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=192),
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    "small": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=768),
+    "base": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1536),
+    "1b": dict(d_model=1536, n_layers=16, n_heads=16, n_kv_heads=4, d_ff=4096),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Decoder sizes. `size` names a row of SIZES; keys given beside it override that row."""
+    """Decoder sizes. `size` names a row of SIZES; a dimension given beside it overrides that row.
+
+    The size is applied here, not by the YAML loader, so `ModelConfig(size="tiny")` in Python and
+    `model: {size: tiny}` in a config give the same model.
+    """
 
     size: str = "debug"
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 1
-    d_ff: int = 192
+    d_model: int | None = None  # None: from SIZES[size], as are the four below
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
     max_seq_len: int = 256
     max_tasks: int = 32
     prefix_lm: bool = True
@@ -101,20 +128,18 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, str) or self.size not in SIZES:
+            close = difflib.get_close_matches(str(self.size), SIZES, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"model.size: unknown model size {self.size!r}; {hint}choose one of {', '.join(SIZES)}")
+        for key, value in SIZES[self.size].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)  # frozen: filled in once, at construction
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-
-# Named sizes. `debug` trains in seconds on a CPU; `1b` is for GPUs (with MoE every second
-# layer and 16 experts it holds about a billion parameters).
-SIZES: dict[str, dict[str, int]] = {
-    "debug": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_ff=192),
-    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
-    "small": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=768),
-    "base": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1536),
-    "1b": dict(d_model=1536, n_layers=16, n_heads=16, n_kv_heads=4, d_ff=4096),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +217,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
-    def replace(self, **changes: Any) -> "ExperimentConfig":
+    def replace(self, **changes: Any) -> ExperimentConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -279,19 +304,8 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{full}'{hint}")
-    if cls is ModelConfig:
-        data = _apply_size(data, path)
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
-
-
-def _apply_size(data: dict[str, Any], path: str) -> dict[str, Any]:
-    size = data.get("size", ModelConfig.size)
-    if not isinstance(size, str) or size not in SIZES:
-        close = difflib.get_close_matches(str(size), SIZES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"{path}.size: unknown model size {size!r}; {hint}choose one of {', '.join(SIZES)}")
-    return {**SIZES[size], **data}
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -305,7 +319,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`["train.steps=10", "tasks=[text_lm]"]` -> nested dict; values are parsed as YAML."""
     out: dict[str, Any] = {}
     for item in items:
@@ -339,24 +353,29 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> Experim
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read an experiment YAML file, apply `--set key=value` overrides, check every key and type."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p} (give the path of an experiment YAML, e.g. configs/experiments/demo.yaml)")
+def load_config(path: str | os.PathLike, overrides: Sequence[str] | dict[str, Any] = ()) -> ExperimentConfig:
+    """Read an experiment YAML file, apply `--set key=value` overrides (strings, or already parsed
+    into a nested dict), check every key and type."""
+    p = existing(path, "config file", "give the path of an experiment YAML, e.g. configs/experiments/demo.yaml")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
-    data = merge_dicts(data, parse_overrides(overrides))
+    data = merge_dicts(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     return config_from_dict(data, source=str(p.resolve()))
 
 
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field checks that a type check cannot make."""
-    m = cfg.model
+    _validate_model(cfg.model)
+    _validate_moe(cfg.model.moe)
+    _validate_tasks(cfg)
+    _validate_train(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "max_tasks"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
@@ -366,17 +385,71 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     if m.head_dim % 2:
         raise ConfigError(f"model head_dim = d_model / n_heads = {m.head_dim} must be even for RoPE")
+    if (m.adapter_rank > 0) != bool(m.adapter_tasks) or m.adapter_rank < 0:
+        raise ConfigError(
+            "model.adapter_rank and model.adapter_tasks go together (add-task sets both); leave both unset"
+        )
+    if any(not 0 <= t < m.max_tasks for t in m.adapter_tasks) or len(set(m.adapter_tasks)) != len(m.adapter_tasks):
+        raise ConfigError(f"model.adapter_tasks {list(m.adapter_tasks)}: distinct task ids below model.max_tasks")
+    v = m.vision
+    if v.image_size < v.patch_size or v.image_size % v.patch_size:
+        raise ConfigError(
+            f"model.vision.image_size ({v.image_size}) must be a positive multiple of "
+            f"model.vision.patch_size ({v.patch_size})"
+        )
+    a = m.audio
+    if a.n_fft < a.hop_length or a.hop_length < 1 or a.n_mels < 1:
+        raise ConfigError("model.audio: need n_fft >= hop_length >= 1 and n_mels >= 1")
+
+
+def _validate_moe(e: MoEConfig) -> None:
+    if e.num_experts < 0:
+        raise ConfigError("model.moe.num_experts must be >= 0 (0 = dense)")
+    if not e.num_experts:
+        return
+    if e.impl not in ("grouped", "deepspeed"):
+        raise ConfigError(f"model.moe.impl: {e.impl!r} is not 'grouped' or 'deepspeed'")
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"model.moe.top_k ({e.top_k}) must be between 1 and num_experts ({e.num_experts})")
+    if e.ep_size < 1 or e.num_experts % e.ep_size:
+        raise ConfigError(
+            f"model.moe.num_experts ({e.num_experts}) must be divisible by model.moe.ep_size ({e.ep_size})"
+        )
+    if e.expert_d_ff is not None and e.expert_d_ff < 1:
+        raise ConfigError("model.moe.expert_d_ff must be >= 1 (or null for model.d_ff)")
+    if e.moe_every < 1:
+        raise ConfigError("model.moe.moe_every must be >= 1")
+    if e.expert_groups and (sum(e.expert_groups.values()) != e.num_experts or min(e.expert_groups.values()) < 1):
+        raise ConfigError(
+            f"model.moe.expert_groups {e.expert_groups} must be positive counts summing to num_experts "
+            f"({e.num_experts}); leave it empty for one block"
+        )
+
+
+def _validate_tasks(cfg: ExperimentConfig) -> None:
     if not cfg.tasks:
         raise ConfigError("tasks: list at least one task (see `pathways-mm tasks`)")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise ConfigError(f"tasks: a task is listed twice in {list(cfg.tasks)}")
-    if len(cfg.tasks) > m.max_tasks:
-        raise ConfigError(f"tasks: {len(cfg.tasks)} tasks but model.max_tasks is {m.max_tasks}")
+    if len(cfg.tasks) > cfg.model.max_tasks:
+        raise ConfigError(f"tasks: {len(cfg.tasks)} tasks but model.max_tasks is {cfg.model.max_tasks}")
     if cfg.mixture.temperature <= 0:
         raise ConfigError("mixture.temperature must be > 0 (1 = proportional to task size, large = uniform)")
-    for name in cfg.mixture.weights:
+    for name, weight in cfg.mixture.weights.items():
         if name not in cfg.tasks:
             raise ConfigError(f"mixture.weights.{name}: not one of the configured tasks {list(cfg.tasks)}")
+        if weight < 0:
+            raise ConfigError(f"mixture.weights.{name}: a task weight must be >= 0")
+    c = cfg.continual
+    if set(c.add) & set(cfg.tasks) or len(set(c.add)) != len(c.add):
+        raise ConfigError(
+            f"continual.add {list(c.add)}: list each task once, none of the first group {list(cfg.tasks)}"
+        )
+    if c.steps < 1 or c.grow_experts < 0 or c.adapter_rank < 0:
+        raise ConfigError("continual.steps must be >= 1, continual.grow_experts and continual.adapter_rank >= 0")
+
+
+def _validate_train(cfg: ExperimentConfig) -> None:
     t = cfg.train
     if t.loss_norm not in ("example", "token"):
         raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example' or 'token'")
@@ -392,52 +465,32 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("train.lr must be > 0 and train.min_lr_ratio within [0, 1]")
     if cfg.data.max_len < 2:
         raise ConfigError(f"data.max_len must be >= 2 (a prompt token and a target token), got {cfg.data.max_len}")
+    if cfg.data.max_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.max_len ({cfg.data.max_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     if cfg.eval.batch_size < 1 or cfg.eval.max_samples < 0:
         raise ConfigError("eval.batch_size must be >= 1 and eval.max_samples >= 0 (0 = all)")
-    if any(w < 0 for w in cfg.mixture.weights.values()):
-        raise ConfigError("mixture.weights: a task weight must be >= 0")
-    c = cfg.continual
-    if set(c.add) & set(cfg.tasks) or len(set(c.add)) != len(c.add):
-        raise ConfigError(f"continual.add {list(c.add)}: list each task once, none of the first group {list(cfg.tasks)}")
-    if c.steps < 1 or c.grow_experts < 0 or c.adapter_rank < 0:
-        raise ConfigError("continual.steps must be >= 1, continual.grow_experts and continual.adapter_rank >= 0")
-    if cfg.data.max_len > m.max_seq_len:
-        raise ConfigError(f"data.max_len ({cfg.data.max_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    e = m.moe
-    if cfg.eval.routes and not e.num_experts:
-        raise ConfigError("eval.routes: a dense model has no routes; set model.moe.num_experts > 0 or eval.routes: false")
-    if e.num_experts < 0:
-        raise ConfigError("model.moe.num_experts must be >= 0 (0 = dense)")
-    if e.num_experts:
-        if e.impl not in ("grouped", "deepspeed"):
-            raise ConfigError(f"model.moe.impl: {e.impl!r} is not 'grouped' or 'deepspeed'")
-        if not 1 <= e.top_k <= e.num_experts:
-            raise ConfigError(f"model.moe.top_k ({e.top_k}) must be between 1 and num_experts ({e.num_experts})")
-        if e.ep_size < 1 or e.num_experts % e.ep_size:
-            raise ConfigError(
-                f"model.moe.num_experts ({e.num_experts}) must be divisible by model.moe.ep_size ({e.ep_size})"
-            )
-        if e.expert_d_ff is not None and e.expert_d_ff < 1:
-            raise ConfigError("model.moe.expert_d_ff must be >= 1 (or null for model.d_ff)")
-        if e.moe_every < 1:
-            raise ConfigError("model.moe.moe_every must be >= 1")
-        if e.expert_groups and (sum(e.expert_groups.values()) != e.num_experts or min(e.expert_groups.values()) < 1):
-            raise ConfigError(
-                f"model.moe.expert_groups {e.expert_groups} must be positive counts summing to num_experts "
-                f"({e.num_experts}); leave it empty for one block"
-            )
-    if (m.adapter_rank > 0) != bool(m.adapter_tasks) or m.adapter_rank < 0:
-        raise ConfigError("model.adapter_rank and model.adapter_tasks go together (add-task sets both); leave both unset")
-    if any(not 0 <= t < m.max_tasks for t in m.adapter_tasks) or len(set(m.adapter_tasks)) != len(m.adapter_tasks):
-        raise ConfigError(f"model.adapter_tasks {list(m.adapter_tasks)}: distinct task ids below model.max_tasks")
-    v = m.vision
-    if v.image_size < v.patch_size or v.image_size % v.patch_size:
+    if cfg.eval.routes and not cfg.model.moe.num_experts:
         raise ConfigError(
-            f"model.vision.image_size ({v.image_size}) must be a positive multiple of model.vision.patch_size ({v.patch_size})"
+            "eval.routes: a dense model has no routes; set model.moe.num_experts > 0 or eval.routes: false"
         )
-    a = m.audio
-    if a.n_fft < a.hop_length or a.hop_length < 1 or a.n_mels < 1:
-        raise ConfigError("model.audio: need n_fft >= hop_length >= 1 and n_mels >= 1")
+
+
+def model_differences(stored: dict[str, Any], model: ModelConfig, *, same_ep_size: bool = False) -> list[str]:
+    """The keys in which a stored model config (a checkpoint's) and `model` compute different things.
+
+    The one rule for "same model" (resume, eval, export, add-task): every model key must match
+    except how MoE layers run or train (RUNTIME_KEYS), since weights are stored per expert. A key
+    the stored config lacks (an older pathways-mm) holds its default there. `same_ep_size`: a
+    resume also needs the same ep_size (the optimizer state is split by expert-parallel rank).
+    """
+    new = to_dict(model)
+    old = {**to_dict(ModelConfig(size=new["size"])), **stored}
+    old_moe = {**to_dict(MoEConfig()), **(stored.get("moe") if isinstance(stored.get("moe"), dict) else {})}
+    diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
+    diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old_moe.get(k) != new["moe"][k]]
+    if same_ep_size and old_moe.get("ep_size") != new["moe"]["ep_size"]:
+        diff.append("model.moe.ep_size")
+    return sorted(diff)
 
 
 def one_process(cfg: ExperimentConfig) -> ExperimentConfig:

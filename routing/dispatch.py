@@ -1,20 +1,51 @@
-"""Token dispatch and combine for the two MoE compute paths.
+"""Token dispatch and combine: how routed tokens reach their experts and come back.
 
-DroplessDispatch ("grouped"): sort routes by expert, all-to-all with uneven splits, compute on
-variable-size groups, un-permute. CapacityDispatch ("deepspeed"): DeepSpeed's fixed-capacity
-[experts, capacity, D] buffers, filled by DeepSpeed's own sparse encode/decode from our routes.
+Both dispatchers follow one protocol (`Dispatcher`): `dispatch` returns the rows each local
+expert computes, grouped by expert, and a plan; the experts compute on those rows; `combine`
+sends the results back and sums each token's k weighted expert outputs.
+
+- `DroplessDispatch` (impl "grouped"): sort routes by expert, all-to-all with uneven splits,
+  variable-size groups; every route is computed.
+- `CapacityDispatch` (impl "deepspeed"): DeepSpeed's fixed-capacity buffers, filled by
+  DeepSpeed's own sparse encode/decode from our routes; routes past capacity are dropped.
+
+Shape suffixes: T tokens, K routes per token (top_k), D d_model, N routed rows (T*K, sorted by
+expert), E experts (global), X local experts, P expert-parallel ranks, Q rows received from
+the expert-parallel group, C capacity slots per expert.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.sharded_moe import _AllToAll, _route_slots, _sparse_decode, _sparse_encode
 
 from pathways_mm.routing.router import RouterOutput
+from pathways_mm.runtime.compat import all_to_all_equal, route_slots, sparse_decode, sparse_encode
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """What a dispatch did, for the expert compute, combine and telemetry."""
+
+    counts_X: torch.Tensor  # [local experts] rows of the dispatched input per local expert, in order
+    num_dropped: torch.Tensor  # scalar int64: routes over capacity (0 on the dropless path)
+    dropped_TK: torch.Tensor | None  # [tokens, k] bool, True where a route was dropped; None: dropless
+
+
+class Dispatcher(Protocol):
+    def dispatch(
+        self, x_TD: torch.Tensor, route: RouterOutput, group: Any, training: bool
+    ) -> tuple[torch.Tensor, DispatchPlan]:
+        """`x_TD` -> the rows this rank's experts compute ([rows, D], grouped by local expert)."""
+        ...
+
+    def combine(self, y_ND: torch.Tensor, plan: DispatchPlan, route: RouterOutput, group: Any) -> torch.Tensor:
+        """Expert outputs (rows as dispatched) -> [tokens, D], each token's k outputs weighted and summed."""
+        ...
 
 
 class _AllToAllUneven(torch.autograd.Function):
@@ -39,12 +70,12 @@ def _inverse(perm_N: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-class DroplessPlan(NamedTuple):
+@dataclass(frozen=True)
+class DroplessPlan(DispatchPlan):
     order_N: torch.Tensor  # [tokens*k] routes sorted by global expert
-    counts_E: torch.Tensor  # [local experts] rows per local expert after the exchange
     in_splits: list[int] | None  # rows sent to each rank (None: no exchange)
     out_splits: list[int] | None  # rows received from each rank
-    regroup_R: torch.Tensor | None  # received rows (ordered by source rank) -> grouped by local expert
+    regroup_Q: torch.Tensor | None  # received rows (ordered by source rank) -> grouped by local expert
 
 
 class DroplessDispatch:
@@ -54,7 +85,9 @@ class DroplessDispatch:
         self.num_experts, self.ep_size = num_experts, ep_size
         self.num_local = num_experts // ep_size
 
-    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput, group) -> tuple[torch.Tensor, DroplessPlan]:
+    def dispatch(
+        self, x_TD: torch.Tensor, route: RouterOutput, group, training: bool
+    ) -> tuple[torch.Tensor, DroplessPlan]:
         k = route.indices_TK.shape[1]
         expert_N = route.indices_TK.reshape(-1)
         order_N = torch.argsort(expert_N, stable=True)
@@ -64,23 +97,24 @@ class DroplessDispatch:
         # index_add_, not bincount: bincount on CUDA reads the max back to the host.
         counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_TD.device)
         counts_E.index_add_(0, expert_N, torch.ones_like(expert_N))
+        none_dropped = counts_E.new_zeros(())
         if self.ep_size == 1:
-            return x_ND, DroplessPlan(order_N, counts_E, None, None, None)
+            return x_ND, DroplessPlan(counts_E, none_dropped, None, order_N, None, None, None)
         # Exchange counts first: every rank learns how many rows it gets for each local expert.
-        recv_counts_RE = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts_RE, counts_E, group=group)
-        recv_counts_RE = recv_counts_RE.view(self.ep_size, self.num_local)  # [source rank, local expert]
-        splits = torch.stack([counts_E.view(self.ep_size, self.num_local).sum(1), recv_counts_RE.sum(1)]).tolist()
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=group)
+        recv_counts_PX = recv_counts.view(self.ep_size, self.num_local)  # [source rank, local expert]
+        splits = torch.stack([counts_E.view(self.ep_size, self.num_local).sum(1), recv_counts_PX.sum(1)]).tolist()
         in_splits, out_splits = splits
-        x_RD = _AllToAllUneven.apply(x_ND, out_splits, in_splits, group)
+        x_QD = _AllToAllUneven.apply(x_ND, out_splits, in_splits, group)
         local_e = torch.arange(self.num_local, device=x_TD.device).repeat(self.ep_size)
-        regroup_R = torch.argsort(torch.repeat_interleave(local_e, recv_counts_RE.reshape(-1)), stable=True)
-        plan = DroplessPlan(order_N, recv_counts_RE.sum(0), in_splits, out_splits, regroup_R)
-        return x_RD.index_select(0, regroup_R), plan
+        regroup_Q = torch.argsort(torch.repeat_interleave(local_e, recv_counts_PX.reshape(-1)), stable=True)
+        plan = DroplessPlan(recv_counts_PX.sum(0), none_dropped, None, order_N, in_splits, out_splits, regroup_Q)
+        return x_QD.index_select(0, regroup_Q), plan
 
     def combine(self, y_ND: torch.Tensor, plan: DroplessPlan, route: RouterOutput, group) -> torch.Tensor:
-        if plan.regroup_R is not None:
-            y_ND = y_ND.index_select(0, _inverse(plan.regroup_R))
+        if plan.regroup_Q is not None:
+            y_ND = y_ND.index_select(0, _inverse(plan.regroup_Q))
             y_ND = _AllToAllUneven.apply(y_ND, plan.in_splits, plan.out_splits, group)
         T, k = route.indices_TK.shape
         # Weight each route's row, un-permute with a gather (the inverse of a permutation), sum
@@ -91,12 +125,11 @@ class DroplessDispatch:
         return y_TKD.sum(1).to(y_ND.dtype)
 
 
-class CapacityPlan(NamedTuple):
+@dataclass(frozen=True)
+class CapacityPlan(DispatchPlan):
     slots_KT: torch.Tensor  # [k, tokens] flat slot in the [experts * capacity] buffer (scratch if dropped)
     gates_KT: torch.Tensor  # [k, tokens] float32 combine weights, 0 for dropped routes
     capacity: int
-    num_dropped: torch.Tensor  # scalar, routes over capacity
-    dropped_KT: torch.Tensor  # [k, tokens] bool, True where the route was over capacity (telemetry)
 
 
 class CapacityDispatch:
@@ -128,27 +161,32 @@ class CapacityDispatch:
         E = self.num_experts
         indices_KT = route.indices_TK.t()
         K, T = indices_KT.shape
-        onehot_RE = torch.nn.functional.one_hot(indices_KT.reshape(-1), E)  # routes in priority order
-        location_R = ((onehot_RE.cumsum(0) - 1) * onehot_RE).sum(1)
-        capacity = self._capacity(onehot_RE.sum(0), K * T, training, group)
-        kept_R = location_R < capacity
-        idx_KT = torch.where(kept_R, indices_KT.reshape(-1), -1).view(K, T).to(torch.int32)
-        loc_KT = (location_R * kept_R).view(K, T).to(torch.int32)
-        gates_KT = route.weights_TK.t() * kept_R.view(K, T)
-        slots_KT = _route_slots(idx_KT, loc_KT, E, capacity)
-        x_ECD = _sparse_encode(x_TD, slots_KT, E, capacity)
+        # Routes in priority order (all first choices, then all second choices, ...): a route's
+        # place in its expert's queue is the number of earlier routes to that expert.
+        onehot_NE = torch.nn.functional.one_hot(indices_KT.reshape(-1), E)
+        location_N = ((onehot_NE.cumsum(0) - 1) * onehot_NE).sum(1)
+        capacity = self._capacity(onehot_NE.sum(0), K * T, training, group)
+        kept_N = location_N < capacity
+        idx_KT = torch.where(kept_N, indices_KT.reshape(-1), -1).view(K, T).to(torch.int32)
+        loc_KT = (location_N * kept_N).view(K, T).to(torch.int32)
+        gates_KT = route.weights_TK.t() * kept_N.view(K, T)
+        slots_KT = route_slots(idx_KT, loc_KT, E, capacity)
+        x_ECD = sparse_encode(x_TD, slots_KT, E, capacity)
         if self.ep_size > 1:
-            x_ECD = _AllToAll.apply(group, x_ECD)  # now [source rank * local experts, C, D]
-        # [ranks, local experts, C, D] -> [local experts, ranks * C, D]: one buffer per local expert.
-        x_ECD = x_ECD.view(self.ep_size, self.num_local, capacity, -1).transpose(0, 1)
-        x_ECD = x_ECD.reshape(self.num_local, self.ep_size * capacity, -1)
-        dropped_KT = ~kept_R.view(K, T)
-        return x_ECD, CapacityPlan(slots_KT, gates_KT, capacity, dropped_KT.sum(), dropped_KT)
+            x_ECD = all_to_all_equal(group, x_ECD)  # now [source rank * local experts, C, D]
+        # [ranks, local experts, C, D] -> [local experts, ranks * C, D]: one buffer per local expert,
+        # flattened to rows grouped by local expert (equal counts).
+        x_XCD = x_ECD.view(self.ep_size, self.num_local, capacity, -1).transpose(0, 1)
+        rows = self.ep_size * capacity
+        x_ND = x_XCD.reshape(self.num_local * rows, -1)
+        counts_X = torch.full((self.num_local,), rows, dtype=torch.long, device=x_TD.device)
+        dropped_TK = ~kept_N.view(K, T).t()
+        return x_ND, CapacityPlan(counts_X, dropped_TK.sum(), dropped_TK, slots_KT, gates_KT, capacity)
 
-    def combine(self, y_ECD: torch.Tensor, plan: CapacityPlan, route: RouterOutput, group) -> torch.Tensor:
+    def combine(self, y_ND: torch.Tensor, plan: CapacityPlan, route: RouterOutput, group) -> torch.Tensor:
         C = plan.capacity
-        y_ECD = y_ECD.view(self.num_local, self.ep_size, C, -1).transpose(0, 1).reshape(self.num_experts, C, -1)
+        y_ECD = y_ND.view(self.num_local, self.ep_size, C, -1).transpose(0, 1).reshape(self.num_experts, C, -1)
         if self.ep_size > 1:
-            y_ECD = _AllToAll.apply(group, y_ECD)
+            y_ECD = all_to_all_equal(group, y_ECD)
         T = route.indices_TK.shape[0]
-        return _sparse_decode(y_ECD.reshape(self.num_experts * C, -1), plan.slots_KT, plan.gates_KT, T)
+        return sparse_decode(y_ECD.reshape(self.num_experts * C, -1), plan.slots_KT, plan.gates_KT, T)

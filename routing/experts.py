@@ -3,6 +3,8 @@
 Stacked storage feeds grouped GEMM without a per-step copy; the state dict still shows
 DeepSpeed's per-expert layout (`deepspeed_experts.{i}.w1.weight`), so DeepSpeed's checkpoint
 code writes one file per global expert and either compute path loads the other's checkpoints.
+
+Shape suffixes: N rows (grouped by expert), D d_model, F expert hidden size, E local experts.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ class GroupedExperts(nn.Module):
         self.register_state_dict_post_hook(_split_experts)
         self.register_load_state_dict_pre_hook(_stack_experts)
 
-    def grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows of x_ND sorted by local expert, counts_E rows each -> expert outputs [N, D]."""
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows of x_ND grouped by local expert, counts_E rows each -> expert outputs [N, D]."""
         use_gmm = grouped_mm_supported(x_ND) if self.use_grouped_mm is None else self.use_grouped_mm
         if use_gmm:
             offs_E = counts_E.cumsum(0).to(torch.int32)  # stays on device: no host sync
@@ -80,11 +82,6 @@ class GroupedExperts(nn.Module):
             return mm(F.silu(mm(x_ND, self.w1)) * mm(x_ND, self.w3), self.w2)
         bounds = [0, *counts_E.cumsum(0).tolist()]  # the loop needs row counts on the host
         return _SwiGLULoop.apply(x_ND, self.w1.weight, self.w3.weight, self.w2.weight, bounds)
-
-    def batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        """Equal-size per-expert buffers [local experts, slots, D] -> [local experts, slots, D]."""
-        h = F.silu(torch.bmm(x_ECD, self.w1.weight.transpose(1, 2))) * torch.bmm(x_ECD, self.w3.weight.transpose(1, 2))
-        return torch.bmm(h, self.w2.weight.transpose(1, 2))
 
 
 class _SwiGLULoop(torch.autograd.Function):
@@ -122,8 +119,10 @@ class _SwiGLULoop(torch.autograd.Function):
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         g_ND = g_ND.contiguous()
         a_NF = F.silu(h1_NF)
-        gw1, gw3, gw2 = (_weight_grad(w, ctx.spans) if need else None
-                         for w, need in ((w1_EFD, need_w1), (w3_EFD, need_w3), (w2_EDF, need_w2)))  # fmt: skip
+        gw1, gw3, gw2 = (
+            _weight_grad(w, ctx.spans) if need else None
+            for w, need in ((w1_EFD, need_w1), (w3_EFD, need_w3), (w2_EDF, need_w2))
+        )
         gh_NF = h1_NF.new_empty(h1_NF.shape)
         for e, s, t in ctx.spans:
             torch.mm(g_ND[s:t], w2_EDF[e], out=gh_NF[s:t])

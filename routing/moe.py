@@ -1,22 +1,39 @@
-"""PathwaysMoE: a DeepSpeed-MoE layer whose tokens follow learned per-task pathways."""
+"""PathwaysMoE: a DeepSpeed-MoE layer whose tokens follow learned per-task pathways.
+
+The forward reads as four steps: route (TaskRouter) -> dispatch (a `Dispatcher`) -> compute
+(the local experts) -> combine.
+
+Shape suffixes: B batch, L positions, D d_model, T tokens (B*L).
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
 from pathways_mm.config import ModelConfig
-from pathways_mm.decoder import FFNOutput, SwiGLU
 from pathways_mm.routing import telemetry
-from pathways_mm.routing.dispatch import CapacityDispatch, DroplessDispatch
+from pathways_mm.routing.dispatch import CapacityDispatch, Dispatcher, DispatchPlan, DroplessDispatch
 from pathways_mm.routing.experts import GroupedExperts
 from pathways_mm.routing.router import RouterOutput, TaskRouter
 
 IMPLS = ("grouped", "deepspeed")
+# MoEConfig keys that are PathwaysMoE keyword arguments of the same name.
+LAYER_KEYS = (
+    "ep_size",
+    "impl",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "balance_coef",
+    "z_loss_coef",
+    "router_jitter",
+    "debug_route_to",
+)
 
 
 class MoEOutput(NamedTuple):
@@ -85,26 +102,30 @@ class PathwaysMoE(MoE):
         self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
         self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
-        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, jitter=router_jitter, debug_route_to=debug_route_to,
-                          groups=expert_groups)
+        gate = TaskRouter(
+            d_model,
+            num_experts,
+            max_tasks,
+            top_k,
+            jitter=router_jitter,
+            debug_route_to=debug_route_to,
+            groups=expert_groups,
+        )
         experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name, use_grouped_mm)
         self.deepspeed_moe = _MoEParts(gate, experts)
-        if impl == "grouped":
-            self.dispatcher = DroplessDispatch(num_experts, ep_size)
-        else:
-            self.dispatcher = CapacityDispatch(num_experts, ep_size, capacity_factor, eval_capacity_factor, min_capacity)
+        self.dispatcher: Dispatcher = (
+            DroplessDispatch(num_experts, ep_size)
+            if impl == "grouped"
+            else CapacityDispatch(num_experts, ep_size, capacity_factor, eval_capacity_factor, min_capacity)
+        )
         telemetry.register(self)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "PathwaysMoE":
+    def from_config(cls, cfg: ModelConfig) -> PathwaysMoE:
         m = cfg.moe
-        return cls(
-            cfg.d_model, m.expert_d_ff or cfg.d_ff, m.num_experts, cfg.max_tasks, m.top_k,
-            ep_size=m.ep_size, impl=m.impl, capacity_factor=m.capacity_factor,
-            eval_capacity_factor=m.eval_capacity_factor, balance_coef=m.balance_coef,
-            z_loss_coef=m.z_loss_coef, router_jitter=m.router_jitter, debug_route_to=m.debug_route_to,
-            expert_groups=tuple(m.expert_groups.values()),
-        )  # fmt: skip
+        d_ff, groups = m.expert_d_ff or cfg.d_ff, tuple(m.expert_groups.values())
+        layer = {k: getattr(m, k) for k in LAYER_KEYS}
+        return cls(cfg.d_model, d_ff, m.num_experts, cfg.max_tasks, m.top_k, expert_groups=groups, **layer)
 
     @property
     def router(self) -> TaskRouter:
@@ -128,8 +149,6 @@ class PathwaysMoE(MoE):
                     f"ep_size={self.ep_size} needs {self.ep_size} processes: launch with `deepspeed` and "
                     "wrap the model with deepspeed.initialize, or set moe.ep_size: 1"
                 )
-            import deepspeed
-
             deepspeed.init_distributed()  # adopts the existing process group
             self.set_deepspeed_parallelism()
         return self.deepspeed_moe.ep_group
@@ -137,53 +156,32 @@ class PathwaysMoE(MoE):
     def route(self, x_TD: torch.Tensor, task_T: torch.Tensor) -> RouterOutput:
         return self.router(x_TD, task_T)
 
-    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput):
-        if self.impl == "grouped":
-            return self.dispatcher.dispatch(x_TD, route, self._group())
+    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, DispatchPlan]:
         return self.dispatcher.dispatch(x_TD, route, self._group(), self.training)
 
-    def compute(self, x_local: torch.Tensor, plan) -> torch.Tensor:
-        if self.impl == "grouped":
-            return self.experts.grouped(x_local, plan.counts_E)
-        return self.experts.batched(x_local)
+    def compute(self, x_local: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return self.experts(x_local, plan.counts_X)
 
-    def combine(self, y_local: torch.Tensor, plan, route: RouterOutput) -> torch.Tensor:
+    def combine(self, y_local: torch.Tensor, plan: DispatchPlan, route: RouterOutput) -> torch.Tensor:
         return self.dispatcher.combine(y_local, plan, route, self._group())
 
-    def observe(self, route: RouterOutput, plan, task_T: torch.Tensor, modality_T: torch.Tensor | None) -> None:
-        """Route telemetry (routing/telemetry.py): on-device counters, a no-op while it is off."""
-        dropped_KT = getattr(plan, "dropped_KT", None)
-        dropped_TK = None if dropped_KT is None else dropped_KT.t()
-        telemetry.record(self, route.indices_TK, route.probs_TE, task_T, modality_T, dropped_TK)
-
-    def moe_forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor,
-                    modality_ids_BL: torch.Tensor | None = None) -> MoEOutput:
-        """The forward with routing results and dropped-route count.
-
-        modality_ids_BL: index into MODALITIES per position, -1 at padding (for telemetry only;
-        None = every position is text).
-        """
+    def forward(  # type: ignore[override]
+        self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor, modality_ids_BL: torch.Tensor | None = None
+    ) -> MoEOutput:
+        """modality_ids_BL: index into MODALITIES per position, -1 at padding (for route telemetry
+        only; None = every position is text)."""
         x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
         task_T = task_ids_BL.reshape(-1)
         route = self.route(x_TD, task_T)
         x_local, plan = self.dispatch(x_TD, route)
-        self.observe(route, plan, task_T, None if modality_ids_BL is None else modality_ids_BL.reshape(-1))
+        modality_T = None if modality_ids_BL is None else modality_ids_BL.reshape(-1)
+        telemetry.record(self, route.indices_TK, route.probs_TE, task_T, modality_T, plan.dropped_TK)
         y_local = self.compute(x_local, plan)
         out_TD = self.combine(y_local, plan, route)
         aux = self.balance_coef * route.balance_loss + self.z_loss_coef * route.z_loss
-        dropped = getattr(plan, "num_dropped", None)
-        dropped = route.z_loss.new_zeros((), dtype=torch.long) if dropped is None else dropped
-        return MoEOutput(out_TD.view_as(x_BLD), aux, route, dropped)
-
-    def forward(self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor,  # type: ignore[override]
-                modality_ids_BL: torch.Tensor | None = None) -> FFNOutput:
-        out = self.moe_forward(x_BLD, task_ids_BL, modality_ids_BL)
-        return FFNOutput(out.out, out.aux_loss)
+        return MoEOutput(out_TD.view_as(x_BLD), aux, route, plan.num_dropped)
 
 
-def build_moe_ffn(layer: int, cfg: ModelConfig) -> nn.Module:
-    """The FFN of decoder block `layer`: PathwaysMoE on every moe_every-th block, else dense SwiGLU."""
-    m = cfg.moe
-    if m.num_experts > 0 and (layer + 1) % m.moe_every == 0:
-        return PathwaysMoE.from_config(cfg)
-    return SwiGLU(cfg.d_model, cfg.d_ff)
+def moe_layers(model: nn.Module) -> list[tuple[str, PathwaysMoE]]:
+    """(name, layer) of every PathwaysMoE, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PathwaysMoE)]

@@ -1,4 +1,7 @@
-"""Task-conditioned top-k router: token logits plus a learned per-task pathway prior."""
+"""Task-conditioned top-k router: token logits plus a learned per-task pathway prior.
+
+Shape suffixes: T tokens, D d_model, E experts, K routes per token (top_k), M tasks (max_tasks).
+"""
 
 from __future__ import annotations
 

@@ -10,20 +10,23 @@ checkpoint) that its forward adds to with scatter-adds only, so nothing syncs wi
 
 Integers, not floats: DeepSpeed's bf16/fp16 casts leave them alone, and sums over ranks are
 exact, so one process and many give the same numbers. Padding (modality id -1) is not counted.
+
+Shape suffixes: T tokens, K routes per token, E experts, N routes (T*K).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from pathways_mm.routes_file import ENTROPY_SCALE  # micro-nats: ln(experts) < 10 nats, so int64 holds 9e11 tokens
 from pathways_mm.tasks.base import MODALITIES
 
 NUM_MODALITIES = len(MODALITIES)
-ENTROPY_SCALE = 1_000_000  # micro-nats: ln(experts) < 10 nats, so int64 holds 9e11 tokens
 _ON = "_route_telemetry_on"
 
 
@@ -64,14 +67,6 @@ def enable(model: nn.Module, on: bool = True) -> int:
     return n
 
 
-def reset(model: nn.Module) -> None:
-    """Zero the counters of every tracked layer (telemetry stays on)."""
-    for _, m in _layers(model):
-        if m.route_counts is not None:
-            m.route_counts.zero_()
-            m.token_stats.zero_()
-
-
 @contextmanager
 def paused(model: nn.Module) -> Iterator[None]:
     """Count nothing inside the block (e.g. greedy decoding re-reads the same prefix each step)."""
@@ -105,8 +100,14 @@ def register(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def record(layer: nn.Module, indices_TK: torch.Tensor, probs_TE: torch.Tensor, task_T: torch.Tensor,
-           modality_T: torch.Tensor | None, dropped_TK: torch.Tensor | None = None) -> None:
+def record(
+    layer: nn.Module,
+    indices_TK: torch.Tensor,
+    probs_TE: torch.Tensor,
+    task_T: torch.Tensor,
+    modality_T: torch.Tensor | None,
+    dropped_TK: torch.Tensor | None = None,
+) -> None:
     """Add one forward's routes to `layer`'s counters (a no-op while telemetry is off or paused)."""
     if not getattr(layer, _ON, False):
         return

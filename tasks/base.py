@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
+
+from pathways_mm.metrics import METRICS  # noqa: F401  (part of the Task API: what `metrics` may list)
 
 MODALITIES = ("text", "image", "audio")
-METRICS = ("bits_per_byte", "exact_match", "char_error_rate", "loss")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,6 @@ class TaskInfo:
     name: str
     cls: type[Task]
     source: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -113,7 +113,15 @@ def number_text(seed: int, num_lines: int = 20_000) -> list[str]:
             lines.append(f"{a} is written {number_words(a)}.")
         elif kind == 2:
             day, month, year = rng.randint(1, 28), rng.choice(_MONTHS), rng.randint(1600, 2099)
-            lines.append(rng.choice((f"{month} {day}, {year}", f"{day} {month} {year}", f"{year}-{_MONTHS.index(month) + 1:02d}-{day:02d}")))
+            lines.append(
+                rng.choice(
+                    (
+                        f"{month} {day}, {year}",
+                        f"{day} {month} {year}",
+                        f"{year}-{_MONTHS.index(month) + 1:02d}-{day:02d}",
+                    )
+                )
+            )
         elif kind == 3:
             a, b = rng.randint(0, 20), rng.randint(0, 20)
             lines.append(f"{number_words(a)} plus {number_words(b)} is {a + b}")

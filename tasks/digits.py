@@ -3,20 +3,21 @@
 
 Both sources ship inside their wheels, so nothing is downloaded. sklearn's 8x8 scans (ink 0..16)
 are scaled up to 22x22 and framed by a 3 px margin, as MNIST frames its 20x20 box in 28x28.
+
+Shape suffixes: N images, H rows, W columns.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from pathways_mm.errors import ConfigError
+from pathways_mm.io import atomic_writer
 
 VERSION = 1
 SPLITS = ("train", "test")
@@ -57,17 +58,14 @@ def bank_path(root: Path, name: str, split: str, seed: int, version: int, size: 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """An .npz that np.load reads, byte-identical for identical arrays (np.savez stamps the time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-            for key, arr in arrays.items():
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=_EPOCH)
-                with zf.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, path)  # a half-written bank is never read
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_writer(path, "wb") as f,
+        zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf,
+    ):  # a half-written bank is never read
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_EPOCH)
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -76,8 +74,7 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
             return {key: npz[key] for key in keys}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ConfigError(
-            f"dataset cache file {path} is unreadable ({type(e).__name__}: {e}); "
-            "delete it and it will be rebuilt"
+            f"dataset cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and it will be rebuilt"
         ) from e
 
 

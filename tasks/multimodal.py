@@ -11,12 +11,14 @@ import collections
 import functools
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from pathways_mm.encoders.audio import Audio
+from pathways_mm.metrics import edit_distance
 from pathways_mm.tasks.base import GenerationConfig, MultimodalExample, Task
 from pathways_mm.tasks.corpus import number_words
 from pathways_mm.tasks.digits import ImageBank, digit_images
@@ -26,17 +28,17 @@ from pathways_mm.tasks.speech import AudioBank, spoken_digits, spoken_numbers
 PAIRED_SIZES = {"train": 6000, "test": 500}  # tasks that combine bank items draw this many
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _images(root: Path, split: str, seed: int) -> ImageBank:
     return digit_images(split, root, seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_audio(root: Path, split: str, seed: int) -> AudioBank:
     return spoken_digits(split, root, seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numbers_audio(root: Path, split: str, seed: int) -> AudioBank:
     return spoken_numbers(split, root, seed)
 
@@ -49,8 +51,6 @@ def blind_chance(metric: str, train_targets: Sequence[str], test_targets: Sequen
     if metric == "exact_match":
         return sum(t == guess for t in test_targets) / len(test_targets)
     if metric == "char_error_rate":
-        from pathways_mm.evaluate import edit_distance
-
         return sum(edit_distance(guess, t) for t in test_targets) / max(1, sum(len(t) for t in test_targets))
     return None
 

@@ -6,8 +6,8 @@ import contextlib
 import difflib
 import importlib
 import inspect
+from collections.abc import Iterator
 from importlib import metadata
-from typing import Iterator
 
 from pathways_mm.errors import ConfigError
 from pathways_mm.tasks.base import METRICS, MODALITIES, Task, TaskInfo
@@ -131,8 +131,3 @@ def get_task(name: str) -> Task:
             f"(a plugin task needs its package installed or `plugins: [module]` in the config)"
         )
     return info.cls()
-
-
-def task_info(name: str) -> TaskInfo:
-    get_task(name)
-    return _REGISTRY[name]

@@ -36,7 +36,14 @@ VERSION = 1
 SAMPLE_RATE = 16_000
 ESPEAK_RATE = 22_050  # what libespeak-ng synthesizes at
 ENGLISH_VOICES = (
-    "en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
+    "en",
+    "en-us",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
 )
 ACCENT_VOICES = ("de", "nl", "fr", "it", "pt", "sv", "pl", "ro")  # not "es": it spells the w of "two"
 VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
@@ -71,10 +78,12 @@ class _Recipe:
     rates: tuple[int, int]  # espeak words per minute
 
 
-SPOKEN_DIGITS = _Recipe(name="spoken_digits", tag=1, seconds=1.0, sizes={"train": 3000, "test": 500},
-                        num_digits=(1, 1), rates=(120, 240))
-SPOKEN_NUMBERS = _Recipe(name="spoken_numbers", tag=2, seconds=2.5, sizes={"train": 3000, "test": 400},
-                         num_digits=(2, 5), rates=(150, 240))
+SPOKEN_DIGITS = _Recipe(
+    name="spoken_digits", tag=1, seconds=1.0, sizes={"train": 3000, "test": 500}, num_digits=(1, 1), rates=(120, 240)
+)
+SPOKEN_NUMBERS = _Recipe(
+    name="spoken_numbers", tag=2, seconds=2.5, sizes={"train": 3000, "test": 400}, num_digits=(2, 5), rates=(150, 240)
+)
 
 
 def voice_identities() -> tuple[str, ...]:
@@ -130,8 +139,16 @@ class _Espeak:
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         # AUDIO_OUTPUT_SYNCHRONOUS; espeakINITIALIZE_DONT_EXIT, or a bad data path kills the process
         rate = lib.espeak_Initialize(2, 0, str(data_path).encode(), 0x8000)
         if rate != ESPEAK_RATE:
@@ -230,8 +247,9 @@ def _worker_main() -> None:
 
 def _render_in_worker(jobs: list, window: int) -> np.ndarray:
     code = "from pathways_mm.tasks.speech import _worker_main; _worker_main()"
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({"window": window, "jobs": jobs}).encode(),
-                          capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps({"window": window, "jobs": jobs}).encode(), capture_output=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"speech worker failed (exit {proc.returncode}):\n{proc.stderr.decode()[-2000:]}")
     return np.load(io.BytesIO(proc.stdout), allow_pickle=False)

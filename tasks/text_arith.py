@@ -5,8 +5,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pathways_mm.tasks.base import GenerationConfig, MultimodalExample, Task
 from pathways_mm.tasks.corpus import number_words
@@ -90,7 +91,7 @@ class TextArith(Task):
         return MultimodalExample(task=self.name, segments=(("text", sample["prompt"]),), target_text=sample["answer"])
 
     def group(self, sample: dict[str, Any]) -> str | None:
-        """"pair" (unseen operands), "template" (unseen phrasing) or "both"; None in train."""
+        """ "pair" (unseen operands), "template" (unseen phrasing) or "both"; None in train."""
         return sample.get("heldout")
 
     def chance(self, metric: str, train: Sequence[Any], test: Sequence[Any]) -> float | None:

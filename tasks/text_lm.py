@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pathways_mm.tasks.base import MultimodalExample, Task
 from pathways_mm.tasks.corpus import split_blocks

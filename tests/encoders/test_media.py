@@ -33,7 +33,9 @@ def test_vision_shapes_and_masks_with_mixed_widths(widths):
     rows = VCFG.image_size // VCFG.patch_size
     assert emb.shape == (len(widths), rows * max(px.tolist()) // VCFG.patch_size, D)
     assert mask.sum(1).tolist() == [num_patches(im.shape[-1], VCFG) for im in images]
-    assert [num_patches(im.shape[-1], VCFG) for im in images] == [rows * (w * VCFG.image_size // 28) // VCFG.patch_size for w in widths]
+    assert [num_patches(im.shape[-1], VCFG) for im in images] == [
+        rows * (w * VCFG.image_size // 28) // VCFG.patch_size for w in widths
+    ]
     for i, im in enumerate(images):  # the same image alone encodes to the same patches
         alone, m = enc(*pad_images([im]))
         torch.testing.assert_close(emb[i, : m.sum()], alone[0], atol=1e-5, rtol=1e-5)

@@ -1,17 +1,20 @@
 import pytest
 
-from tests.conftest import DEBUG_CFG, run_cli
+from tests.helpers import DEBUG_CFG, run_cli, sets
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train", DEBUG_CFG, "--set", "train.stpes=3"], "unknown config key 'train.stpes'; did you mean 'steps'?"),
-        (["train", DEBUG_CFG, "--set", "train.steps=many"], "train.steps: expected an integer, got str 'many'"),
-        (["train", DEBUG_CFG, "--set", "tasks=[text_lmm]"], "unknown task 'text_lmm'; did you mean 'text_lm'?"),
+        (["train", DEBUG_CFG, *sets("train.stpes=3")], "unknown config key 'train.stpes'; did you mean 'steps'?"),
+        (["train", DEBUG_CFG, *sets("train.steps=many")], "train.steps: expected an integer, got str 'many'"),
+        (["train", DEBUG_CFG, *sets("tasks=[text_lmm]")], "unknown task 'text_lmm'; did you mean 'text_lm'?"),
         (["train", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),
         (["eval", "no/such/run"], "checkpoint not found: no/such/run"),
-        (["train", DEBUG_CFG, "--set", "model.moe.num_experts=4", "--set", "model.moe.top_k=9"], "top_k (9) must be between"),
+        (
+            ["train", DEBUG_CFG, *sets("model.moe.num_experts=4", "model.moe.top_k=9")],
+            "top_k (9) must be between",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, data_dir):

@@ -2,7 +2,15 @@ import dataclasses
 
 import pytest
 
-from pathways_mm.config import SIZES, ExperimentConfig, config_from_dict, load_config, parse_overrides, to_dict
+from pathways_mm.config import (
+    SIZES,
+    ExperimentConfig,
+    ModelConfig,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 from pathways_mm.errors import ConfigError
 
 
@@ -40,7 +48,10 @@ def test_configs_are_frozen_and_keyword_only():
         ("model: {size: huge}\n", r"unknown model size 'huge'"),
         ("model: {n_heads: 3}\n", r"divisible by model.n_heads"),
         ("model: {moe: {num_experts: 4, top_k: 5}}\n", r"top_k \(5\) must be between 1 and num_experts \(4\)"),
-        ("model: {moe: {num_experts: 6, ep_size: 4}}\n", r"num_experts \(6\) must be divisible by model.moe.ep_size \(4\)"),
+        (
+            "model: {moe: {num_experts: 6, ep_size: 4}}\n",
+            r"num_experts \(6\) must be divisible by model.moe.ep_size \(4\)",
+        ),
         ("eval: {routes: true}\n", r"eval.routes: a dense model has no routes"),
         ("[1, 2]\n", r"expected a mapping"),
         ("train: [\n", r"not valid YAML"),
@@ -57,7 +68,9 @@ def test_missing_file():
 
 
 def test_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "train: {steps: 3}\n"), ["train.steps=7", "tasks=[text_lm]", "model.moe.capacity_factor=null"])
+    cfg = load_config(
+        write(tmp_path, "train: {steps: 3}\n"), ["train.steps=7", "tasks=[text_lm]", "model.moe.capacity_factor=null"]
+    )
     assert cfg.train.steps == 7 and cfg.tasks == ("text_lm",) and cfg.model.moe.capacity_factor is None
     assert parse_overrides(["a.b.c=1.5"]) == {"a": {"b": {"c": 1.5}}}
     with pytest.raises(ConfigError, match="key=value"):
@@ -76,3 +89,13 @@ def test_round_trip_through_dict():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.tasks
+
+
+def test_a_named_size_is_the_same_model_in_python_and_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {size: tiny, d_ff: 100}\n")
+    assert load_config(tmp_path / "c.yaml").model == ModelConfig(size="tiny", d_ff=100)
+    assert (
+        ModelConfig(size="tiny").d_model == SIZES["tiny"]["d_model"] and ModelConfig(size="tiny", d_ff=100).d_ff == 100
+    )
+    with pytest.raises(ConfigError, match="unknown model size 'huge'"):
+        ModelConfig(size="huge")

@@ -10,16 +10,16 @@ import random
 
 import pytest
 
-from pathways_mm import checkpoint as ckpt
-from pathways_mm import faults
 from pathways_mm.config import config_from_dict, load_config, to_dict
-from pathways_mm.collate import collate
-from pathways_mm.data import encode, load_split, split_path
+from pathways_mm.data.collate import collate
+from pathways_mm.data.datasets import encode, load_split, split_path
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
+from pathways_mm.runtime import checkpoint as ckpt
+from pathways_mm.runtime import faults
+from pathways_mm.runtime.checkpoint import check_compatible
 from pathways_mm.tasks import Task, get_task
-from pathways_mm.train import check_compatible
-from tests.conftest import DEBUG_CFG, run_cli
+from tests.helpers import DEBUG_CFG, run_cli, sets
 
 HUGE = [10**30, -(10**30), 2**63, 1e308, float("inf"), float("-inf"), float("nan"), -1, 0]
 
@@ -66,7 +66,7 @@ def clean(fn, *args, **kwargs):
 def test_configs(tmp_path):
     rng = random.Random(0)
     base = to_dict(load_config(DEBUG_CFG))
-    for i in range(300):
+    for _ in range(300):
         data = mutate(rng, base)
         data.pop("source", None)
         clean(config_from_dict, data)
@@ -141,7 +141,12 @@ def test_media_segments():
 def test_checkpoint_meta_and_manifest(tmp_path):
     rng = random.Random(4)
     cfg, tok = load_config(DEBUG_CFG), load_tokenizer()
-    good = {"step": 3, "config": to_dict(cfg), "task_table": {"text_lm": 0, "text_arith": 1}, "tokenizer_hash": tok.hash}
+    good = {
+        "step": 3,
+        "config": to_dict(cfg),
+        "task_table": {"text_lm": 0, "text_arith": 1},
+        "tokenizer_hash": tok.hash,
+    }
     for i in range(200):
         tag = tmp_path / f"t{i}"
         tag.mkdir()
@@ -160,6 +165,8 @@ def test_cli_shows_one_line_not_a_traceback(seed, tmp_path, data_dir):
     cfg = tmp_path / "fuzz.yaml"
     cfg.write_bytes(DEBUG_CFG.read_bytes() + b"\n" + bytes(rng.randrange(32, 127) for _ in range(40)))
     key = rng.choice(["train.steps", "model.d_model", "mixture.temperature", "data.max_len", "model.moe.num_experts"])
-    res = run_cli(["train", cfg, "--set", f"{key}={rng.choice(['.nan', '-7', '1e999', '[1]', 'x'])}"], data_dir, timeout=120)
+    res = run_cli(
+        ["train", cfg, *sets(f"{key}={rng.choice(['.nan', '-7', '1e999', '[1]', 'x'])}")], data_dir, timeout=120
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert len([l for l in res.stderr.splitlines() if l.startswith("pathways-mm: error:")]) == 1
+    assert len([line for line in res.stderr.splitlines() if line.startswith("pathways-mm: error:")]) == 1

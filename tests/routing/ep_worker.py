@@ -17,8 +17,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pathways_mm.engine import shutdown  # noqa: E402
 from pathways_mm.routing import PathwaysMoE  # noqa: E402
+from pathways_mm.runtime.engine import shutdown  # noqa: E402
 
 D, FF, E, TASKS, B_LOCAL, L = 16, 24, 4, 3, 2, 6
 PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts."
@@ -30,8 +30,9 @@ class Tiny(nn.Module):
     def __init__(self, ep_size: int, impl: str, top_k: int, capacity: float | None, route_to: int | None):
         super().__init__()
         self.inp = nn.Linear(D, D, bias=False)
-        self.moe = PathwaysMoE(D, FF, E, TASKS, top_k, ep_size=ep_size, impl=impl,
-                               capacity_factor=capacity, debug_route_to=route_to)  # fmt: skip
+        self.moe = PathwaysMoE(
+            D, FF, E, TASKS, top_k, ep_size=ep_size, impl=impl, capacity_factor=capacity, debug_route_to=route_to
+        )
         with torch.no_grad():
             self.moe.router.pathway.normal_()  # distinct per-task routing
         self.out = nn.Linear(D, D, bias=False)
@@ -46,7 +47,7 @@ def localize(full_sd: dict, rank: int, num_local: int) -> dict:
     out = {}
     for key, val in full_sd.items():
         if key.startswith(PREFIX):
-            gid, rest = key[len(PREFIX):].split(".", 1)
+            gid, rest = key[len(PREFIX) :].split(".", 1)
             lid = int(gid) - rank * num_local
             if 0 <= lid < num_local:
                 out[f"{PREFIX}{lid}.{rest}"] = val
@@ -68,8 +69,11 @@ def loss_fn(model, x, tasks, target):
 
 
 def engine_for(model):
-    cfg = {"train_micro_batch_size_per_gpu": B_LOCAL, "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}  # fmt: skip
+    cfg = {
+        "train_micro_batch_size_per_gpu": B_LOCAL,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
     return engine
 
@@ -89,8 +93,15 @@ def equiv(args, rank, world):
     loss = loss_fn(engine, x[shard], tasks[shard], target[shard])
     engine.backward(loss)
     # Data parallelism averages the per-rank losses; the reference does the same in one process.
-    ref_losses = [loss_fn(ref, x[r * B_LOCAL:(r + 1) * B_LOCAL], tasks[r * B_LOCAL:(r + 1) * B_LOCAL],
-                          target[r * B_LOCAL:(r + 1) * B_LOCAL]) for r in range(world)]  # fmt: skip
+    ref_losses = [
+        loss_fn(
+            ref,
+            x[r * B_LOCAL : (r + 1) * B_LOCAL],
+            tasks[r * B_LOCAL : (r + 1) * B_LOCAL],
+            target[r * B_LOCAL : (r + 1) * B_LOCAL],
+        )
+        for r in range(world)
+    ]
     torch.stack(ref_losses).mean().backward()
     close(loss.detach(), ref_losses[rank].detach(), "loss")
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
@@ -98,7 +109,7 @@ def equiv(args, rank, world):
     for name, p in engine.module.named_parameters():
         want = ref_grads[name]
         if name.startswith("moe.deepspeed_moe.experts."):
-            want = want[rank * num_local:(rank + 1) * num_local]
+            want = want[rank * num_local : (rank + 1) * num_local]
         assert p.grad is not None, name
         close(p.grad, want, f"grad {name}")
     assert any(g.get("moe") for g in engine.optimizer.param_groups), "no expert param group"

@@ -35,12 +35,21 @@ def launch(procs: int, *args) -> None:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         cmd = [launcher, "--num_gpus", str(procs), "--master_port", str(port), str(WORKER)]
     try:
-        res = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                             cwd=ROOT, start_new_session=True)  # fmt: skip
+        res = subprocess.run(
+            [*cmd, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"ep_worker {args} hung for {TIMEOUT}s:\n{(e.stdout or b'')[-3000:]!r}")
     oks = res.stdout.count("EP_WORKER_OK")
-    assert res.returncode == 0 and oks == procs, f"rc={res.returncode} ok={oks}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0 and oks == procs, (
+        f"rc={res.returncode} ok={oks}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    )
 
 
 @pytest.mark.parametrize("impl,capacity", [("grouped", None), ("deepspeed", 100.0)])

@@ -33,7 +33,7 @@ def test_expert_loop_equals_autograd_reference_in_float64(E, D, F_, counts):
     experts = GroupedExperts(E, D, F_, "g", use_grouped_mm=False).double()
     x_ND = torch.randn(sum(counts), D, dtype=torch.float64)
     counts_E = torch.tensor(counts)
-    y, gx, gw = run(experts, x_ND, counts, lambda x: experts.grouped(x, counts_E))
+    y, gx, gw = run(experts, x_ND, counts, lambda x: experts(x, counts_E))
     y_ref, gx_ref, gw_ref = run(experts, x_ND, counts, lambda x: reference(experts, x, counts))
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     if sum(counts):
@@ -51,10 +51,10 @@ def test_frozen_weights_get_no_gradient_and_input_gradient_is_unchanged():
     experts = GroupedExperts(3, 8, 16, "g", use_grouped_mm=False).double()
     counts, counts_E = [4, 2, 3], torch.tensor([4, 2, 3])
     x_ND = torch.randn(9, 8, dtype=torch.float64)
-    _, gx_all, _ = run(experts, x_ND, counts, lambda x: experts.grouped(x, counts_E))
+    _, gx_all, _ = run(experts, x_ND, counts, lambda x: experts(x, counts_E))
     experts.w1.weight.requires_grad_(False)
     experts.w2.weight.requires_grad_(False)
-    _, gx, gw = run(experts, x_ND, counts, lambda x: experts.grouped(x, counts_E))
+    _, gx, gw = run(experts, x_ND, counts, lambda x: experts(x, counts_E))
     assert gw["w1.weight"] is None and gw["w2.weight"] is None and gw["w3.weight"] is not None
     torch.testing.assert_close(gx, gx_all, rtol=1e-12, atol=1e-12)
 
@@ -71,7 +71,7 @@ def test_expert_loop_saves_only_x_h1_h3_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        experts.grouped(x_ND, torch.tensor([3, 3, 0, 4]))
+        experts(x_ND, torch.tensor([3, 3, 0, 4]))
     assert sorted(saved) == [(10, 8), (10, 16), (10, 16)]
 
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from pathways_mm.config import ModelConfig, MoEConfig
-from pathways_mm.decoder import SwiGLU
-from pathways_mm.routing import PathwaysMoE, build_moe_ffn
+from pathways_mm.model.layers import SwiGLU
+from pathways_mm.model.model import block_ffn
+from pathways_mm.routing import PathwaysMoE
 
 SHAPES = [(2, 5, 16, 24), (1, 7, 8, 32), (3, 4, 32, 16)]  # B, L, D, F
 ROUTED = [(4, 1, 2, 6, 16, 24), (4, 2, 3, 5, 8, 16), (8, 3, 2, 9, 16, 8), (6, 6, 1, 4, 8, 8)]  # E, k, B, L, D, F
@@ -55,7 +56,7 @@ def test_grouped_equals_deepspeed_when_nothing_drops(capacity, E, k, B, L, D, F)
     for impl in ("grouped", "deepspeed"):
         moe = make(D, F, E, k, impl, capacity_factor=capacity)
         x, task = inputs(B, L, D)
-        out = moe.moe_forward(x, task)
+        out = moe(x, task)
         assert out.num_dropped.item() == 0
         results.append((out.out, out.aux_loss, grads(moe, x, out)))
     (o1, a1, g1), (o2, a2, g2) = results
@@ -74,7 +75,7 @@ def test_grouped_mm_kernel_equals_expert_loop(E, k, B, L, D, F):
     for use in (False, True):
         moe = make(D, F, E, k, "grouped", use_grouped_mm=use)
         x, task = inputs(B, L, D)
-        out = moe.moe_forward(x, task)
+        out = moe(x, task)
         results.append((out.out, grads(moe, x, out)))
     torch.testing.assert_close(results[0][0], results[1][0])
     for name in results[0][1]:
@@ -84,7 +85,7 @@ def test_grouped_mm_kernel_equals_expert_loop(E, k, B, L, D, F):
 def test_capacity_drops_routes_past_capacity():
     moe = make(8, 16, 4, 1, "deepspeed", capacity_factor=1.0, debug_route_to=2)
     x, task = inputs(2, 8, 8)  # 16 tokens, all to expert 2; capacity ceil(16 / 4 * 1.0) = 4
-    out = moe.moe_forward(x, task)
+    out = moe(x, task)
     assert out.num_dropped.item() == 12
     assert (out.out.reshape(16, 8)[4:] == 0).all(), "dropped tokens must contribute nothing"
     assert (out.out.reshape(16, 8)[:4] != 0).any()
@@ -94,7 +95,7 @@ def test_capacity_drops_routes_past_capacity():
 def test_idle_experts_get_zero_gradients_not_none(impl):
     moe = make(8, 16, 4, 2, impl, debug_route_to=1)
     x, task = inputs(2, 3, 8)
-    grads(moe, x, moe.moe_forward(x, task))
+    grads(moe, x, moe(x, task))
     g = moe.experts.w1.weight.grad
     assert g is not None and g[1].abs().sum() > 0
     assert (g[[0, 2, 3]] == 0).all()
@@ -168,6 +169,6 @@ def test_ep_size_above_one_without_processes_explains():
 
 def test_build_moe_ffn_places_moe_every_nth_layer():
     cfg = ModelConfig(moe=MoEConfig(num_experts=4, top_k=2, moe_every=2))
-    kinds = [type(build_moe_ffn(i, cfg)) for i in range(4)]
+    kinds = [type(block_ffn(i, cfg)) for i in range(4)]
     assert kinds == [SwiGLU, PathwaysMoE, SwiGLU, PathwaysMoE]
-    assert all(type(build_moe_ffn(i, ModelConfig())) is SwiGLU for i in range(2))
+    assert all(type(block_ffn(i, ModelConfig())) is SwiGLU for i in range(2))

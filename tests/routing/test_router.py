@@ -98,7 +98,9 @@ def test_per_task_balance_differs_from_global_when_tasks_unbalanced(num_experts,
 def test_balance_loss_minimum_is_one_for_uniform_routing():
     probs = torch.full((4, 4), 0.25)
     idx = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
-    torch.testing.assert_close(per_task_balance_loss(probs, idx, torch.zeros(4, dtype=torch.long), 1), torch.tensor(1.0))
+    torch.testing.assert_close(
+        per_task_balance_loss(probs, idx, torch.zeros(4, dtype=torch.long), 1), torch.tensor(1.0)
+    )
 
 
 def test_z_loss_hand_computed():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pathways_mm.config import ModelConfig, MoEConfig
-from pathways_mm.model import build_model
+from pathways_mm.model.model import build_model
 from pathways_mm.routing import PathwaysMoE, telemetry
 from pathways_mm.routing.telemetry import ENTROPY_SCALE
 
@@ -34,13 +34,15 @@ def test_counts_match_a_loop_over_tokens_and_skip_padding(impl, capacity, E, k):
     x = torch.randn(3, 7, 16, generator=g)
     task = torch.randint(0, 3, (3, 1), generator=g).expand(3, 7)
     mods = torch.randint(-1, 3, (3, 7), generator=g)  # -1 = padding
-    out = moe.moe_forward(x, task, mods)
+    out = moe(x, task, mods)
     task_T, mods_T = task.reshape(-1), mods.reshape(-1)
     ref = reference_counts(out.route, task_T, mods_T, E)
     assert torch.equal(moe.route_counts[0, :3], ref)
     assert moe.route_counts[1].sum() == 0  # nothing dropped
     valid = mods_T >= 0
-    tokens = torch.zeros(3, 3, dtype=torch.long).index_put_((task_T[valid], mods_T[valid]), torch.ones(int(valid.sum()), dtype=torch.long), accumulate=True)
+    tokens = torch.zeros(3, 3, dtype=torch.long).index_put_(
+        (task_T[valid], mods_T[valid]), torch.ones(int(valid.sum()), dtype=torch.long), accumulate=True
+    )
     assert torch.equal(moe.token_stats[0, :3], tokens)
     p = out.route.probs_TE[valid]
     want_entropy = -(p * p.clamp(min=1e-30).log()).sum()
@@ -53,7 +55,7 @@ def test_dropped_routes_are_counted_per_task_modality_and_expert():
     x = torch.randn(2, 6, 16)
     task = torch.tensor([[0] * 6, [1] * 6])
     mods = torch.tensor([[0] * 6, [1, 1, 1, 2, 2, -1]])
-    out = moe.moe_forward(x, task, mods)
+    out = moe(x, task, mods)
     capacity = 3  # 12 routes / 4 experts * capacity_factor 1.0
     assert out.num_dropped.item() == 12 - capacity
     assert moe.route_counts[0, 0, 0, 2] == 6 and moe.route_counts[0, 1, 1, 2] == 3 and moe.route_counts[0, 1, 2, 2] == 2

@@ -8,18 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from pathways_mm.collate import collate
 from pathways_mm.config import ModelConfig
-from pathways_mm.data import load_split
+from pathways_mm.data.collate import collate
+from pathways_mm.data.datasets import load_split
 from pathways_mm.encoders.text import load_tokenizer
-from pathways_mm.losses import forward_loss
-from pathways_mm.model import build_model
+from pathways_mm.model.model import build_model
 from pathways_mm.tasks import get_task, list_tasks
 from pathways_mm.tasks.speech import spoken_digits, spoken_numbers
-from tests.conftest import read_metrics, run_cli
+from pathways_mm.training.losses import forward_loss
+from tests.helpers import read_metrics, run_cli, sets
 
 TOK = load_tokenizer()
-MEDIA_TASKS = ("digit_image", "digit_speech", "speech_numbers", "image_caption", "image_speech_same", "image_speech_sum")
+MEDIA_TASKS = (
+    "digit_image",
+    "digit_speech",
+    "speech_numbers",
+    "image_caption",
+    "image_speech_same",
+    "image_speech_sum",
+)
 
 
 def test_the_builtin_suite_is_registered():
@@ -79,9 +86,15 @@ def test_speech_splits_share_no_voice(data_dir):
 def test_train_and_eval_every_builtin_task_through_the_cli(data_dir, tmp_path):
     out = tmp_path / "run"
     names = ",".join(MEDIA_TASKS + ("text_arith",))
-    res = run_cli(["train", "configs/experiments/debug.yaml", "--set", f"tasks=[{names}]", "--set", "train.steps=2",
-                   "--set", "data.max_len=96", "--set", "eval.max_samples=8", "--set", f"train.out_dir={out}"],
-                  data_dir, timeout=600)
+    res = run_cli(
+        [
+            "train",
+            "configs/experiments/debug.yaml",
+            *sets(f"tasks=[{names}]", "train.steps=2", "data.max_len=96", "eval.max_samples=8", f"train.out_dir={out}"),
+        ],
+        data_dir,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert read_metrics(out)[-1]["step"] == 2
     for name in MEDIA_TASKS:

@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from tests.conftest import DEBUG_CFG, read_metrics, run_cli
+from tests.helpers import DEBUG_CFG, read_metrics, run_cli, sets
 
 TASK_MODULE = textwrap.dedent(
-    '''
+    """
     from pathways_mm.tasks import MultimodalExample, Task, register_task
 
 
@@ -25,7 +25,7 @@ TASK_MODULE = textwrap.dedent(
 
         def encode(self, sample):
             return MultimodalExample(task=self.name, segments=(("text", "echo " + sample["w"]),), target_text=sample["w"])
-    '''
+    """
 )
 
 
@@ -33,7 +33,8 @@ def make_package(root, dist="pmm-echo-task", module="pmm_echo", cls="EchoTask", 
     pkg = root / "src"
     (pkg / module).mkdir(parents=True)
     (pkg / module / "__init__.py").write_text(TASK_MODULE.format(cls=cls, name=name))
-    (pkg / "pyproject.toml").write_text(textwrap.dedent(f'''
+    (pkg / "pyproject.toml").write_text(
+        textwrap.dedent(f'''
         [build-system]
         requires = ["setuptools>=61"]
         build-backend = "setuptools.build_meta"
@@ -47,10 +48,27 @@ def make_package(root, dist="pmm-echo-task", module="pmm_echo", cls="EchoTask", 
 
         [tool.setuptools]
         packages = ["{module}"]
-    '''))
+    ''')
+    )
     site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return site
 
 
@@ -66,8 +84,15 @@ def test_installed_entry_point_task_is_listed_and_trains(plugin_site, tmp_path, 
     row = next(line for line in res.stdout.splitlines() if line.startswith("echo "))
     assert "entry point 'echo' of pmm-echo-task 0.0.1" in row and "text" in row
     out = tmp_path / "run"
-    res = run_cli(["train", DEBUG_CFG, "--set", "tasks=[text_arith,echo]", "--set", "train.steps=3",
-                   "--set", "eval.max_samples=4", "--set", f"train.out_dir={out}"], data_dir, env_extra=env)
+    res = run_cli(
+        [
+            "train",
+            DEBUG_CFG,
+            *sets("tasks=[text_arith,echo]", "train.steps=3", "eval.max_samples=4", f"train.out_dir={out}"),
+        ],
+        data_dir,
+        env_extra=env,
+    )
     assert res.returncode == 0, res.stderr
     final = read_metrics(out)[-1]
     assert set(final["eval"]) == {"text_arith", "echo"}
@@ -86,9 +111,21 @@ def test_config_plugins_are_imported(tmp_path, data_dir):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(DEBUG_CFG.read_text() + "\nplugins: [my_tasks]\n")
     out = tmp_path / "run"
-    res = run_cli(["train", cfg, "--set", "tasks=[shout]", "--set", "train.steps=2", "--set", "eval.max_samples=2",
-                   "--set", f"train.out_dir={out}", "--set", f"train.ds_config={DEBUG_CFG.parent.parent / 'ds' / 'cpu.json'}"],
-                  data_dir, env_extra={"PYTHONPATH": str(tmp_path)})
+    res = run_cli(
+        [
+            "train",
+            cfg,
+            *sets(
+                "tasks=[shout]",
+                "train.steps=2",
+                "eval.max_samples=2",
+                f"train.out_dir={out}",
+                f"train.ds_config={DEBUG_CFG.parent.parent / 'ds' / 'cpu.json'}",
+            ),
+        ],
+        data_dir,
+        env_extra={"PYTHONPATH": str(tmp_path)},
+    )
     assert res.returncode == 0, res.stderr
     assert set(read_metrics(out)[-1]["eval"]) == {"shout"}
 

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from pathways_mm.errors import ConfigError
-from pathways_mm.tasks import MultimodalExample, Task, get_task, register_task
-from pathways_mm.tasks import registry
+from pathways_mm.tasks import MultimodalExample, Task, get_task, register_task, registry
 
 
 @pytest.fixture

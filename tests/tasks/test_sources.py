@@ -12,7 +12,7 @@ import pytest
 from pathways_mm.errors import ConfigError
 from pathways_mm.tasks import digits, speech
 from pathways_mm.tasks.digits import digit_images
-from pathways_mm.tasks.speech import SAMPLE_RATE, spoken_digits, spoken_numbers, split_voices, synthesize
+from pathways_mm.tasks.speech import SAMPLE_RATE, split_voices, spoken_digits, spoken_numbers, synthesize
 
 NUM_CLIPS = 40  # small speech banks keep the test quick; the recipe is the full one's
 

@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from pathways_mm.tasks import MultimodalExample, get_task
-from pathways_mm.tasks import corpus
+from pathways_mm.tasks import MultimodalExample, corpus, get_task
 from pathways_mm.tasks.text_arith import TEST_TEMPLATES, is_heldout, render, triples
 from pathways_mm.tasks.text_lm import MAX_CHARS, chunk_text
 
@@ -143,7 +142,9 @@ def test_builds_are_deterministic_and_json(built, name, split):
 
 def test_encode(built):
     lm = get_task("text_lm").encode(built["text_lm"]["test"][0])
-    assert lm == MultimodalExample(task="text_lm", segments=(("text", ""),), target_text=built["text_lm"]["test"][0]["text"])
+    assert lm == MultimodalExample(
+        task="text_lm", segments=(("text", ""),), target_text=built["text_lm"]["test"][0]["text"]
+    )
     arith = get_task("text_arith").encode({"prompt": "three plus four", "answer": "7"})
     assert arith == MultimodalExample(task="text_arith", segments=(("text", "three plus four"),), target_text="7")
     assert get_task("text_arith").generation.max_new_tokens == 6

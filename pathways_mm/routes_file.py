@@ -1,0 +1,131 @@
+"""Routes files: where each task's tokens went in every MoE layer, as one JSON document.
+
+The schema (docs/routes.md): format/version, the model's identity, the checkpoint, the data
+that was counted, task and modality names, and per MoE layer the counts of routes (task,
+modality, expert), dropped routes, tokens and summed gate entropy. `training.routes` writes
+them from route telemetry; `viz` reads them. No torch here: drawing needs none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, to_dict
+from pathways_mm.errors import ConfigError
+from pathways_mm.io import atomic_write_text, existing
+from pathways_mm.tasks.base import MODALITIES
+
+FORMAT = "pathways-mm-routes"
+VERSION = 1
+ENTROPY_SCALE = 1_000_000  # route telemetry counts gate entropy in micro-nats (integers sum exactly)
+
+
+def model_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The model a routes file describes; `hash` ignores how MoE layers run (impl, ep_size, ...)."""
+    model = to_dict(cfg.model)
+    shape = {**model, "moe": {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS}}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+    return {"name": cfg.name, "hash": digest, "num_blocks": cfg.model.n_layers, "config": model}
+
+
+def document(
+    layers: Sequence[tuple[int, Any, Any]],
+    cfg: ExperimentConfig,
+    task_names: Sequence[str],
+    checkpoint: dict[str, Any],
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """The routes JSON from (block, route_counts [2, tasks, modalities, experts], token_stats
+    [2, tasks, modalities]) per MoE layer: nested lists or anything with `.tolist()`."""
+    n = len(task_names)
+    out = []
+    for block, counts, stats in layers:
+        counts, stats = _as_list(counts), _as_list(stats)
+        out.append(
+            {
+                "block": block,
+                "num_experts": len(counts[0][0][0]),
+                "top_k": cfg.model.moe.top_k,
+                "routes": counts[0][:n],
+                "dropped": counts[1][:n],
+                "tokens": stats[0][:n],
+                "entropy_sum": [[v / ENTROPY_SCALE for v in row] for row in stats[1][:n]],
+            }
+        )
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_identity(cfg),
+        "checkpoint": checkpoint,
+        "data": data,
+        "tasks": list(task_names),
+        "modalities": list(MODALITIES),
+        "layers": out,
+    }
+
+
+def _as_list(x: Any) -> list:
+    return x.tolist() if hasattr(x, "tolist") else x
+
+
+def write(path: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(doc, indent=1))
+    return p
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    shape = []
+    while isinstance(x, list):
+        shape.append(len(x))
+        x = x[0] if x else None
+    return tuple(shape)
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a routes file; a user error names the file and what is wrong with it."""
+    p = existing(path, "routes file", f"write one with `pathways-mm eval RUN --routes {path}`")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p}: not a routes file (not JSON: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(
+            f'{p}: not a routes file (no "format": "{FORMAT}"; write one with `pathways-mm eval --routes`)'
+        )
+    if doc.get("version") != VERSION:
+        raise ConfigError(f"{p}: routes file version {doc.get('version')!r}; this pathways-mm reads version {VERSION}")
+    try:
+        n, m = len(doc["tasks"]), len(doc["modalities"])
+        if not doc["layers"]:
+            raise ValueError("no MoE layers")
+        for layer in doc["layers"]:
+            e = layer["num_experts"]
+            for key, want in (
+                ("routes", (n, m, e)),
+                ("dropped", (n, m, e)),
+                ("tokens", (n, m)),
+                ("entropy_sum", (n, m)),
+            ):
+                if _shape(layer[key]) != want:
+                    raise ValueError(f"block {layer['block']} {key} has shape {_shape(layer[key])}, expected {want}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{p}: not a valid routes file ({type(e).__name__}: {e})") from None
+    return doc
+
+
+def check_comparable(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> None:
+    """Two routes files can be compared layer by layer only with the same MoE layers and experts."""
+    shape_a = [(layer["block"], layer["num_experts"]) for layer in a["layers"]]
+    shape_b = [(layer["block"], layer["num_experts"]) for layer in b["layers"]]
+    if shape_a != shape_b:
+        raise ConfigError(
+            f"cannot compare {name_a} and {name_b}: different MoE layers/experts "
+            f"((block, experts) {shape_a} vs {shape_b}); compare routes of the same model shape"
+        )

@@ -1,0 +1,352 @@
+"""Multi-task training on DeepSpeed, one process or many.
+
+    pathways-mm train CONFIG [--set key=value ...] [--resume] [--stop-after STEP]
+    deepspeed --num_gpus N --module pathways_mm.cli train CONFIG [--set ...] [--resume]
+
+`run` reads as the loop itself: set up, then per step train, log, save, evaluate; finish.
+Each piece is its own function over one `Run` (what the run holds).
+
+Shape suffixes: B rows of a micro-batch, T tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from pathways_mm import dist, routes_file
+from pathways_mm.config import ExperimentConfig, to_dict
+from pathways_mm.data.sampler import MixtureSampler
+from pathways_mm.data.taskset import TaskSet, load_tasks, make_sampler, train_batch
+from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
+from pathways_mm.errors import TrainingAborted
+from pathways_mm.io import atomic_write_text
+from pathways_mm.metrics import format_table
+from pathways_mm.model.model import build_model, param_counts
+from pathways_mm.runtime import checkpoint as ckpt
+from pathways_mm.runtime import engine as ds_engine
+from pathways_mm.runtime import faults
+from pathways_mm.runtime.watchdog import CollectiveGuard
+from pathways_mm.training import routes
+from pathways_mm.training.evaluate import evaluate
+from pathways_mm.training.losses import forward_loss
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, records after the resumed step are dropped (they are redone).
+
+    A record torn by a kill mid-write is dropped too; the rewrite is atomic, so a second kill
+    cannot lose the records before it.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            atomic_write_text(path, "")
+        elif path.exists():
+            keep = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    keep.append(line)
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Hooks:
+    """Where a caller that trains part of a model (`add-task`) steps into the training run.
+
+    The defaults do nothing: plain training.
+    """
+
+    def model_built(self, model: torch.nn.Module, rank: int, world: int) -> None:
+        """Before the engine exists: load weights, freeze parameters (frozen ones get no optimizer state)."""
+
+    def engine_ready(self, engine, ts: TaskSet, tok: TextTokenizer) -> None:
+        """The engine and its expert-parallel groups exist; training has not started."""
+
+    def trained(self, engine) -> None:
+        """The last step is done; nothing is saved yet (a check here can still stop the save)."""
+
+    def meta(self) -> dict[str, Any]:
+        """Extra checkpoint metadata."""
+        return {}
+
+
+class LossWindow:
+    """Loss sums since the last log step, on the device: read (one all-reduce) only when logging."""
+
+    def __init__(self, num_tasks: int, device: torch.device):
+        self.num_tasks = num_tasks
+        self.sums = torch.zeros(
+            2 + 2 * num_tasks, dtype=torch.float64, device=device
+        )  # loss, micro-steps, nll_T, tokens_T
+
+    def add(
+        self, lm_loss: torch.Tensor, task_ids: torch.Tensor, nll_B: torch.Tensor, num_tokens_B: torch.Tensor
+    ) -> None:
+        n = self.num_tasks
+        self.sums[:2] += torch.stack([lm_loss.double(), lm_loss.new_ones((), dtype=torch.float64)])
+        self.sums[2 : 2 + n].index_add_(0, task_ids, nll_B.double())
+        self.sums[2 + n :].index_add_(0, task_ids, num_tokens_B.double())
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self.sums[1] > 0)
+
+    def reduce(self, step: int, table: dict[str, int]) -> tuple[float, dict[str, float]]:
+        """(mean loss, per-task loss) over every rank since the last call; then zero the sums."""
+        stats = dist.all_reduce_(self.sums.clone()).cpu()
+        self.sums.zero_()
+        if not torch.isfinite(stats[0]):
+            raise FloatingPointError(
+                f"training loss is {stats[0].item()} at step {step}; lower train.lr or check the data"
+            )
+        n = self.num_tasks
+        per_task = {
+            t: round((stats[2 + i] / stats[2 + n + i]).item(), 4) for t, i in table.items() if stats[2 + n + i] > 0
+        }
+        return (stats[0] / stats[1]).item(), per_task
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between its steps."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    hooks: Hooks
+    tok: TextTokenizer
+    ts: TaskSet
+    engine: Any
+    sampler: MixtureSampler
+    start: int
+    window: LossWindow
+    log: MetricsLog | None  # rank 0 only
+    bar: tqdm | None = None
+    bad_in_a_row: int = 0
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"pathways-mm: {msg}", file=sys.stderr)
+
+
+def run(
+    cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None, hooks: Hooks | None = None
+) -> dict[str, Any]:
+    """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary.
+
+    A peer that stops answering ends the run with TrainingAborted naming the rank and the step.
+    """
+    rank, world = ds_engine.init_distributed(cfg.train.threads)
+    with CollectiveGuard(rank, world, cfg.train.collective_timeout_s) as guard:
+        r = set_up(cfg, rank, world, resume, hooks or Hooks())
+        for step in range(r.start, cfg.train.steps):
+            guard.step = done = step + 1
+            train_step(r, step)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                log_step(r, done)
+            stopping = stop_after is not None and stop_after <= done < cfg.train.steps
+            if stopping or (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps):
+                save(r, done)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                evaluate_mid_run(r, done)
+            r.bar.update(1)
+            if stopping:
+                return stop(r, done)
+        return finish(r)
+
+
+def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Hooks) -> Run:
+    """Data, model, engine and (with `resume`) the newest intact checkpoint; the run's output folder."""
+    torch.manual_seed(cfg.seed)
+    ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
+    tok = load_tokenizer()
+    resume_from = (
+        ckpt.newest_intact(ckpt_dir) if resume else None
+    )  # skips unfinished saves, falls back past damaged ones
+    if resume and resume_from is None and rank == 0:
+        print(f"pathways-mm: no checkpoint under {ckpt_dir}; starting from step 0", file=sys.stderr)
+    resume_meta = None
+    if resume_from is not None:
+        resume_meta = ckpt.read_meta(resume_from)
+        ckpt.check_compatible(resume_meta, cfg, tok, resume=True, where=str(resume_from / ckpt.META_FILE))
+    ts = load_tasks(cfg)
+    model = build_model(cfg.model, tok.vocab_size)
+    hooks.model_built(model, rank, world)
+    engine = ds_engine.initialize(model, cfg, world)
+    start = 0
+    if resume_from is not None:
+        ckpt.load_checkpoint(engine, resume_from, with_optimizer=True)
+        start = resume_meta["step"]
+    hooks.engine_ready(engine, ts, tok)
+    r = Run(
+        cfg,
+        rank,
+        world,
+        hooks,
+        tok,
+        ts,
+        engine,
+        make_sampler(cfg, ts),
+        start,
+        LossWindow(len(ts.tasks), ds_engine.device()),
+        log=None,
+    )
+    if rank == 0:
+        r.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(r.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        r.log = MetricsLog(r.out_dir / "metrics.jsonl", start if resume_from is not None else None)
+        n_total, n_active = param_counts(model)
+        mixture = dict(zip(ts.table, r.sampler.probs.round(3).tolist()))
+        r.say(
+            f"{cfg.name}: {len(ts.tasks)} tasks ({', '.join(ts.table)}), {n_total / 1e6:.2f}M params "
+            f"({n_active / 1e6:.2f}M active), {world} process(es), steps {start}->{cfg.train.steps}, mixture {mixture}"
+        )
+    r.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    return r
+
+
+def train_step(r: Run, step: int) -> None:
+    """Forward and backward over the micro-batches of one step; then step, or skip if anything is
+    non-finite on any rank (`train.max_bad_steps` in a row abort the run)."""
+    done, dev = step + 1, ds_engine.device()
+    faults.maybe_die("hang", done, r.rank)
+    micro_stats = []
+    for micro in range(r.cfg.train.grad_accum):
+        batch = train_batch(r.cfg, r.ts, r.sampler, r.tok, step, micro, r.rank).to(dev)
+        out = forward_loss(r.engine, batch, r.cfg.train.loss_norm)
+        r.engine.backward(out.loss)
+        if micro + 1 < r.cfg.train.grad_accum:
+            r.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        micro_stats.append((out.lm_loss.detach(), batch.task_ids, out.nll_B, out.num_tokens_B))
+    faults.maybe_die("kill", done, r.rank)
+    if faults.hit("nan_grad", done, r.rank):
+        ds_engine.inject_nan_grad(r.engine)
+    # Every rank must agree, or one rank's update would leave the replicas out of sync. The one
+    # host sync per step this costs is what DeepSpeed's fp16 overflow check costs too.
+    if ds_engine.agree_all_finite(ds_engine.grads_finite(r.engine, out.loss)):
+        r.engine.step()
+        r.bad_in_a_row = 0
+        for stats in micro_stats:
+            r.window.add(*stats)
+        return
+    ds_engine.skip_step(r.engine)
+    r.bad_in_a_row += 1
+    if r.log is not None:  # DeepSpeed keeps the count in its checkpoints, so it survives a resume
+        r.log.write({"step": done, "skipped": "non-finite loss or gradient", "skipped_steps": r.engine.skipped_steps})
+    r.say(f"step {done}: non-finite loss or gradient; step skipped")
+    if r.bad_in_a_row >= r.cfg.train.max_bad_steps:
+        raise TrainingAborted(
+            f"{r.bad_in_a_row} steps in a row (up to step {done}) had a non-finite loss or gradient "
+            f"(train.max_bad_steps={r.cfg.train.max_bad_steps}); lower train.lr or check the data, "
+            "then continue from the last checkpoint with --resume"
+        )
+
+
+def log_step(r: Run, done: int) -> None:
+    """Mean loss and per-task loss since the last log step, over every rank, into metrics.jsonl."""
+    if r.window.empty:
+        return
+    loss, per_task = r.window.reduce(done, r.ts.table)
+    if r.log is not None:
+        lr = r.engine.get_lr()[0]
+        r.log.write(
+            {
+                "step": done,
+                "loss": loss,
+                "task_loss": per_task,
+                "lr": lr,
+                "skipped_steps": r.engine.skipped_steps,
+                "elapsed_s": round(time.time() - r.t0, 2),
+            }
+        )
+        r.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+
+
+def save(r: Run, done: int) -> Path:
+    meta = {**ckpt.checkpoint_meta(r.cfg, r.ts.table, r.tok, done), **r.hooks.meta()}
+    return ckpt.save_checkpoint(r.engine, r.ckpt_dir, done, meta, r.cfg.train.keep_checkpoints)
+
+
+def evaluate_mid_run(r: Run, done: int) -> None:
+    result = evaluate_and_route(r, done)
+    r.engine.train()
+    if r.log is not None:
+        r.log.write({"step": done, "eval": result})
+
+
+def evaluate_and_route(r: Run, step: int) -> dict[str, Any]:
+    """`evaluate`; with `eval.routes`, also write where the evaluated tokens went to out_dir/routes/."""
+    if r.cfg.eval.routes:
+        routes.start(r.engine)
+    results = evaluate(r.engine, r.cfg, r.ts.tasks, r.tok, train_sets=r.ts.train)
+    if r.cfg.eval.routes:
+        ckpt_id = {"path": None, "run_dir": str(r.out_dir.resolve()), "step": step, "tokenizer_hash": r.tok.hash}
+        doc = routes_file.document(
+            routes.finish(r.engine),
+            r.cfg,
+            [t.name for t in r.ts.tasks],
+            ckpt_id,
+            routes.routed_data(results, r.cfg.eval.split),
+        )
+        if r.rank == 0:
+            routes_file.write(r.out_dir / "routes" / f"{ckpt.tag_for(step)}.json", doc)
+    return results
+
+
+def stop(r: Run, done: int) -> dict[str, Any]:
+    """`--stop-after`: the checkpoint is saved; say how to continue."""
+    r.bar.close()
+    path = r.ckpt_dir / ckpt.tag_for(done)
+    r.say(f"stopped after step {done}; checkpoint {path}; continue with --resume")
+    return {"step": done, "checkpoint": str(path), "stopped": True}
+
+
+def finish(r: Run) -> dict[str, Any]:
+    """The last step is done: check the replicas agree, save, evaluate, print the summary."""
+    steps = r.cfg.train.steps
+    r.bar.close()
+    r.hooks.trained(r.engine)
+    in_sync = ds_engine.weights_in_sync(r.engine, r.world)
+    final = r.ckpt_dir / ckpt.tag_for(steps)
+    if r.start < steps or not final.exists():
+        final = save(r, steps)
+    last_eval = evaluate_and_route(r, steps)
+    summary = {
+        "step": steps,
+        "checkpoint": str(final),
+        "eval": last_eval,
+        "train_s": round(time.time() - r.t0, 1),
+        "weights_in_sync": in_sync,
+    }
+    if r.log is not None:
+        r.log.write({"step": steps, "eval": last_eval, "weights_in_sync": in_sync})
+        print(format_table(last_eval), file=sys.stderr)
+        r.say(f"done in {summary['train_s']}s; checkpoint {final}; metrics {r.out_dir / 'metrics.jsonl'}")
+    return summary

@@ -1,0 +1,135 @@
+"""The numbers behind every route figure, computed from routes documents (`pathways_mm.routes_file`).
+
+Both renderers (png.py: PNG, html.py: routes.html) draw exactly these arrays;
+tests check them against routes files of known structure.
+
+A task's *share* of expert e in a layer is the fraction of its routes (token, chosen expert)
+that went to e: each task row sums to 1 over experts (with top-k, a token counts k times).
+
+Shape suffixes: T tasks, E experts, M modalities, L MoE layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+MAIN_MASS = 0.5  # a task's main experts in a layer: the fewest that carry this much of its routes
+
+
+class LayerView(NamedTuple):
+    block: int
+    share_TE: np.ndarray  # [tasks shown, experts] share of each task's routes
+    modality_ME: np.ndarray  # [modalities, experts] share of each expert's routes per modality (nan: no routes)
+    entropy_T: np.ndarray  # [tasks shown] mean gate entropy per token, nats
+    dropped_T: np.ndarray  # [tasks shown] fraction of the task's routes dropped over capacity
+
+
+class Views(NamedTuple):
+    tasks: list[str]  # tasks shown: those with at least one counted token
+    modalities: list[str]
+    layers: list[LayerView]
+    pathways: dict[str, list[list[int]]]  # task -> per layer, its main experts (largest share first)
+    shared_nodes: dict[tuple[int, int], list[str]]  # (layer position, expert) -> tasks whose pathway uses it
+    reuse_TT: np.ndarray  # [tasks, tasks] routing overlap averaged over layers (1 = same experts, same shares)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def present_tasks(doc: dict[str, Any]) -> list[int]:
+    """Ids of the tasks that have counted tokens (a routes file lists every task of the model)."""
+    tokens_T = sum(np.asarray(layer["tokens"]).sum(1) for layer in doc["layers"])
+    return [i for i, n in enumerate(tokens_T) if n > 0]
+
+
+def layer_view(layer: dict[str, Any], task_ids: list[int]) -> LayerView:
+    routes_TME = np.asarray(layer["routes"], dtype=np.float64)[task_ids]
+    routes_TE = routes_TME.sum(1)
+    total_T = routes_TE.sum(1)
+    by_mod_ME = routes_TME.sum(0)
+    tokens_T = np.asarray(layer["tokens"], dtype=np.float64)[task_ids].sum(1)
+    entropy_T = np.asarray(layer["entropy_sum"], dtype=np.float64)[task_ids].sum(1)
+    dropped_T = np.asarray(layer["dropped"], dtype=np.float64)[task_ids].sum((1, 2))
+    return LayerView(
+        block=layer["block"],
+        share_TE=_ratio(routes_TE, total_T[:, None]),
+        modality_ME=_ratio(by_mod_ME, by_mod_ME.sum(0, keepdims=True)),
+        entropy_T=_ratio(entropy_T, tokens_T),
+        dropped_T=_ratio(dropped_T, total_T),
+    )
+
+
+def main_experts(share_E: np.ndarray, mass: float = MAIN_MASS) -> list[int]:
+    """The fewest experts (largest share first) whose shares add up to at least `mass` (none if no routes)."""
+    if not np.isfinite(share_E).all():
+        return []
+    order = np.argsort(-share_E, kind="stable")
+    cum = np.cumsum(share_E[order])
+    n = int(np.searchsorted(cum, mass - 1e-12)) + 1
+    return [int(e) for e in order[: min(n, len(order))]]
+
+
+def overlap(share_a_E: np.ndarray, share_b_E: np.ndarray) -> float:
+    """Histogram intersection of two routing distributions: sum_e min(a_e, b_e), in [0, 1]."""
+    return float(np.minimum(share_a_E, share_b_E).sum())
+
+
+def reuse_matrix(layers: list[LayerView]) -> np.ndarray:
+    """[tasks, tasks] overlap averaged over the layers where both tasks have routes (nan if none)."""
+    T = layers[0].share_TE.shape[0]
+    per_layer = np.full((len(layers), T, T), np.nan)
+    for li, lv in enumerate(layers):
+        for i in range(T):
+            for j in range(T):
+                per_layer[li, i, j] = overlap(lv.share_TE[i], lv.share_TE[j])  # nan where a task has no routes
+    with np.errstate(invalid="ignore"):
+        counted = np.isfinite(per_layer).sum(0)
+        return np.where(counted > 0, np.nansum(per_layer, 0) / np.maximum(counted, 1), np.nan)
+
+
+def views(doc: dict[str, Any], mass: float = MAIN_MASS) -> Views:
+    """Everything the figures show for one routes document."""
+    ids = present_tasks(doc)
+    tasks = [doc["tasks"][i] for i in ids]
+    layers = [layer_view(layer, ids) for layer in doc["layers"]]
+    pathways = {t: [main_experts(lv.share_TE[i], mass) for lv in layers] for i, t in enumerate(tasks)}
+    nodes: dict[tuple[int, int], list[str]] = {}
+    for t, per_layer in pathways.items():
+        for li, experts in enumerate(per_layer):
+            for e in experts:
+                nodes.setdefault((li, e), []).append(t)
+    shared = {node: ts for node, ts in sorted(nodes.items()) if len(ts) > 1}
+    reuse = reuse_matrix(layers) if tasks else np.zeros((0, 0))
+    return Views(tasks, list(doc["modalities"]), layers, pathways, shared, reuse)
+
+
+class Comparison(NamedTuple):
+    tasks: list[str]  # tasks shown in both files
+    added: list[str]  # shown only in the second ("after") file
+    removed: list[str]  # shown only in the first
+    blocks: list[int]
+    delta_LTE: np.ndarray  # [layers, tasks, experts] share after - share before
+    shift_TL: np.ndarray  # [tasks, layers] total variation distance 0.5 * sum_e |delta|: 0 same, 1 disjoint
+    reuse_delta_TT: np.ndarray  # [tasks, tasks] reuse after - before
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> Comparison:
+    """What changed from `before` to `after` (same MoE layers and experts: routes.check_comparable)."""
+    va, vb = views(before), views(after)
+    common = [t for t in va.tasks if t in vb.tasks]
+    ia = [va.tasks.index(t) for t in common]
+    ib = [vb.tasks.index(t) for t in common]
+    delta = np.stack([lb.share_TE[ib] - la.share_TE[ia] for la, lb in zip(va.layers, vb.layers)])
+    return Comparison(
+        tasks=common,
+        added=[t for t in vb.tasks if t not in va.tasks],
+        removed=[t for t in va.tasks if t not in vb.tasks],
+        blocks=[lv.block for lv in va.layers],
+        delta_LTE=delta,
+        shift_TL=0.5 * np.abs(delta).sum(-1).T,
+        reuse_delta_TT=vb.reuse_TT[np.ix_(ib, ib)] - va.reuse_TT[np.ix_(ia, ia)],
+    )

@@ -1,0 +1,49 @@
+"""`pathways-mm continual`: the three ways of adding a task, end to end on a debug model."""
+
+import json
+
+import pytest
+
+from tests.helpers import ROOT, run_cli, sets
+
+CFG = ROOT / "configs" / "experiments" / "continual.yaml"
+TINY = [
+    *sets(
+        "model.size=debug",
+        "tasks=[text_lm, text_arith]",
+        "continual.add=[digit_image]",
+        "train.steps=4",
+        "continual.steps=3",
+        "continual.grow_experts=2",
+        "eval.max_samples=6",
+        "train.warmup_steps=1",
+    ),
+]
+
+
+@pytest.mark.slow
+def test_continual_benchmark_compares_add_task_finetune_and_scratch(tmp_path, data_dir):
+    out = tmp_path / "cont"
+    res = run_cli(["continual", CFG, "--out-dir", out, *TINY], data_dir, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "continual.json").read_text())
+    (row,) = result["tasks"]
+    assert row["task"] == "digit_image" and row["old_outputs_bit_identical"] is True
+    assert set(row["forgetting"]) == {"text_lm", "text_arith"}
+    assert all(f["add_task"] == 0.0 for f in row["forgetting"].values())
+    assert row["params_added"] > 0 and 0.0 <= row["reuse_share"] <= 1.0
+    assert {"add_task", "finetune", "scratch"} <= set(row)
+    assert "| digit_image | exact_match |" in (out / "continual.md").read_text()
+    base = json.loads((out / "base" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert base["step"] == 4 and set(base["eval"]) == {"text_lm", "text_arith"}  # the --set values reached the stage
+    # A rerun finds every stage done and only redraws the table.
+    again = run_cli(["continual", CFG, "--out-dir", out, *TINY], data_dir, timeout=300)
+    assert again.returncode == 0 and "training the first group" not in again.stderr, again.stderr[-2000:]
+    assert json.loads((out / "continual.json").read_text()) == result
+
+
+def test_continual_needs_tasks_to_add(data_dir, tmp_path):
+    res = run_cli(["continual", CFG, "--out-dir", tmp_path / "c", *sets("continual.add=[]")], data_dir)
+    assert res.returncode == 2 and "continual.add lists no task" in res.stderr, res.stderr[-2000:]
+    res = run_cli(["continual", CFG, *sets("continual.add=[digit_image]")], data_dir)
+    assert res.returncode == 2 and "none of the first group" in res.stderr, res.stderr[-2000:]
