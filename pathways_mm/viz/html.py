@@ -19,7 +19,7 @@ import numpy as np
 
 from pathways_mm.io import atomic_write_text
 from pathways_mm.viz.style import DELTA_CMAP, MODALITY_COLORS, SHARE_CMAP, cmap_hex, task_color
-from pathways_mm.viz.views import Comparison, Views
+from pathways_mm.viz.views import Comparison, Views, mi_label
 
 CELL, MIN_LABEL_W, CHAR_W, TOP = 30, 60, 6.8, 34
 
@@ -225,7 +225,8 @@ def _views_html(v: Views) -> list[str]:
                 experts,
                 lambda x, m=vmax: cmap_hex(SHARE_CMAP, x / m),
                 tip,
-                f"block {lv.block}",
+                f"block {lv.block}: {mi_label(lv.mi_task, lv.mi_task_max, 'task')}; "
+                f"{mi_label(lv.mi_modality, lv.mi_modality_max, 'modality')}",
                 light=lambda x, m=vmax: x < 0.6 * m,
             )
         )
@@ -235,14 +236,17 @@ def _views_html(v: Views) -> list[str]:
             "heatmap",
             "Task x expert, per MoE layer",
             "Share of each task's routes (token, chosen expert) that each expert receives; rows sum to 1. "
-            "H = mean gate entropy per token (nats).",
+            "H = mean gate entropy per token (nats). I(task; expert): how much a route's task tells about its "
+            "expert, in bits, and its share of the most it could be, min(H(task), H(expert)); 0 = every task "
+            "routes alike. I(modality; expert) likewise for modalities.",
             "<br>".join(maps),
         ),
         _section(
             "pathways",
             "Pathways",
-            "Each task's main experts in every MoE layer (the fewest carrying half of its "
-            "routes), linked layer to layer. White ringed nodes are shared by several tasks (count inside).",
+            "One panel per task: the area of each (block, expert) dot is the share of the task's routes it "
+            "receives; the task's main experts (the fewest carrying half of its routes) are coloured and linked "
+            "layer to layer, the link as wide as the flow. A thicker ring: also a main expert of another task.",
             svg_pathways(v),
         ),
         _section(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pathways_mm.viz import views
 from pathways_mm.viz.style import DELTA_CMAP, MODALITY_COLORS, SHARE_CMAP, plt, task_color
 from pathways_mm.viz.views import Comparison, Views
 
@@ -41,7 +42,8 @@ def heatmaps(v: Views, out: Path) -> list[Path]:
         ax.set_xticks(range(E))
         ax.set_yticks(range(T), [f"{t}  (H={h:.2f})" for t, h in zip(v.tasks, lv.entropy_T)])
         ax.set_xlabel("expert")
-        ax.set_title(f"block {lv.block}: share of each task's routes", fontsize=9)
+        mi = views.mi_label(lv.mi_task, lv.mi_task_max, "task")
+        ax.set_title(f"block {lv.block}: share of each task's routes\n{mi}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         paths.append(_save(fig, out / f"heatmap_block{lv.block}.png"))
     return paths
@@ -94,7 +96,7 @@ def reuse(v: Views, out: Path) -> Path:
 
 def modality_shares(v: Views, out: Path) -> Path:
     L, E = len(v.layers), v.layers[0].share_TE.shape[1]
-    fig, axes = plt.subplots(L, 1, figsize=(2 + 0.45 * E, 1.8 * L), squeeze=False)
+    fig, axes = plt.subplots(L, 1, figsize=(2 + 0.45 * E, 2 * L), squeeze=False, layout="constrained")
     for ax, lv in zip(axes[:, 0], v.layers):
         bottom = np.zeros(E)
         for m, name in enumerate(v.modalities):
@@ -104,7 +106,8 @@ def modality_shares(v: Views, out: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_xticks(range(E))
         ax.set_ylabel(f"block {lv.block}")
-    axes[0, 0].set_title("modality share of each expert's routes", fontsize=9)
+        ax.set_title(views.mi_label(lv.mi_modality, lv.mi_modality_max, "modality"), fontsize=8)
+    fig.suptitle("modality share of each expert's routes", fontsize=9)
     axes[-1, 0].set_xlabel("expert")
     axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, out / "modality.png")
