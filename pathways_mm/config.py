@@ -190,7 +190,8 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     # "example": every sample weighs the same, whatever its target length, so the mixture alone
-    # sets a task's weight (a 3-token answer is not drowned by 90-token LM chunks); "token": T5-style.
+    # sets a task's weight (a 3-token answer is not drowned by 90-token LM chunks); "token": T5-style;
+    # "sqrt": a sample weighs sqrt(its target tokens), between the two.
     loss_norm: str = "example"
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -496,8 +497,8 @@ def _validate_tasks(cfg: ExperimentConfig) -> None:
 
 def _validate_train(cfg: ExperimentConfig) -> None:
     t = cfg.train
-    if t.loss_norm not in ("example", "token"):
-        raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example' or 'token'")
+    if t.loss_norm not in ("example", "token", "sqrt"):
+        raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example', 'token' or 'sqrt'")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_bad_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")

@@ -10,6 +10,9 @@ At equal active parameters and equal samples per task, on CONFIG's tasks and sch
   sparse_pathways   MoE, the original pathways: a learned prior per task, balance per task
   sparse_specific   MoE, task-specific pathways: CONFIG's own routing (global balance, the
                     mutual-information loss, pathway masks)
+  sparse_specific_example_norm
+                    the same with every sample's loss weighted alike (`train.loss_norm: example`):
+                    what CONFIG's own loss normalisation buys (run it when CONFIG uses another)
 
 Each (variant, seed) is its own run directory under DIR (default runs/ablate-NAME); a rerun
 continues where it stopped. The table (printed, ablation.md and ablation.json in DIR) gives each
@@ -37,7 +40,8 @@ from pathways_mm.studies.common import final_eval, primary, records, run_stage, 
 from pathways_mm.viz import views
 
 VARIANTS = ("single_dense", "multi_dense", "sparse_tokens", "sparse_pathways", "sparse_specific")
-SPARSE = VARIANTS[2:]
+EXTRA = ("sparse_specific_example_norm",)  # run only when asked for with --variant
+SPARSE = (*VARIANTS[2:], *EXTRA)
 
 
 def variant_config(cfg: ExperimentConfig, variant: str, seed: int) -> ExperimentConfig:
@@ -50,8 +54,9 @@ def variant_config(cfg: ExperimentConfig, variant: str, seed: int) -> Experiment
     routing = {
         "sparse_tokens": dict(base, balance="global", task_prior=False),
         "sparse_pathways": dict(base, balance="per_task", task_prior=True),
-        "sparse_specific": {},
-    }[variant]
+    }.get(variant, {})
+    if variant == "sparse_specific_example_norm":
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, loss_norm="example"))
     model = dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, **routing))
     return cfg.replace(model=model, eval=dataclasses.replace(cfg.eval, routes=True))
 
@@ -61,9 +66,9 @@ def _check(cfg: ExperimentConfig, seeds: int, variants: tuple[str, ...]) -> None
         raise ConfigError(f"{cfg.source}: the ablation compares sparse variants; set model.moe.num_experts > 0")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS + EXTRA]
     if unknown:
-        raise ConfigError(f"--variant {unknown[0]}: not one of {', '.join(VARIANTS)}")
+        raise ConfigError(f"--variant {unknown[0]}: not one of {', '.join(VARIANTS + EXTRA)}")
     dense_counterpart(cfg.model)  # raises if no dense width matches the active parameters
 
 

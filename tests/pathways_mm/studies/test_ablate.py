@@ -1,5 +1,6 @@
 """`pathways-mm ablate`: the variants' configs, and an end-to-end run on a debug model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -28,6 +29,10 @@ def test_variants_change_only_the_routing_or_the_dense_width():
     old = variant_config(cfg, "sparse_pathways", 0).model.moe
     assert (old.task_prior, old.balance, old.mi_coef, old.mask_mass) == (True, "per_task", 0.0, 0.0)
     assert variant_config(cfg, "sparse_specific", 0).model.moe == cfg.model.moe  # the config's own routing
+    example = variant_config(
+        cfg.replace(train=dataclasses.replace(cfg.train, loss_norm="sqrt")), "sparse_specific_example_norm", 0
+    )
+    assert example.train.loss_norm == "example" and example.model.moe == cfg.model.moe
     assert all(variant_config(cfg, v, 0).eval.routes for v in ("sparse_tokens", "sparse_pathways", "sparse_specific"))
 
 
