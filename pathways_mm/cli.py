@@ -170,6 +170,27 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return in_process_group(lambda: run_train(args.config, peak_tflops_override=args.peak_tflops, **opts))
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pathways_mm import plan
+
+    def go() -> None:
+        dims = _pick(args, "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab", "top_k", "expert_d_ff")
+        shape = plan.model_shape(args.size, **dims, num_experts=args.experts, moe_every=args.moe_every)
+        common = _pick(args, "seq_len", "precision", "context_gib", "fragmentation")
+        common.update(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, prefix_lm=not args.no_prefix_lm)
+        if args.search:
+            sizes = [m for m in plan.DEFAULT_MICRO_BATCHES if args.max_micro_batch is None or m <= args.max_micro_batch]
+            found = plan.search(shape, micro_batches=sizes, **common)
+            print(plan.format_search(found, limit=args.limit))
+            if found:
+                print(f"\nbest layout:\n{plan.format_plan(found[0])}")
+            return
+        layout = _pick(args, "ep_size", "zero_stage", "micro_batch", "checkpointing")
+        print(plan.format_plan(plan.plan(shape, **layout, **common)))
+
+    return run_guarded(go)
+
+
 def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
     help = f"override {what}, e.g. --set train.lr=1e-3 (repeatable)"
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
@@ -296,6 +317,35 @@ def _add_bench(sub) -> None:
     y.set_defaults(func=cmd_bench_telemetry)
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory and all-to-all bytes of a training layout, on paper")
+    m = p.add_argument_group("model (a named size, any dimension overriding it, or every dimension)")
+    m.add_argument("--size", help="debug, tiny, small, base or 1b")
+    for flag in ("--d-model", "--n-layers", "--n-heads", "--n-kv-heads", "--d-ff"):
+        m.add_argument(flag, type=int)
+    m.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default: this repository's tokenizer)")
+    m.add_argument("--experts", type=int, default=0, help="experts per MoE layer (0 = dense)")
+    m.add_argument("--top-k", type=int, default=2)
+    m.add_argument("--expert-d-ff", type=int, help="hidden size of one expert (default: d_ff)")
+    m.add_argument("--moe-every", type=int, default=2, help="every N-th block's FFN is an MoE layer")
+    g = p.add_argument_group("machines and layout")
+    g.add_argument("--gpus", type=int, required=True)
+    g.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB")
+    g.add_argument("--ep-size", type=int, default=1, help="experts split over this many GPUs")
+    g.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage 0, 1 or 2")
+    g.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    g.add_argument("--no-prefix-lm", action="store_true", help="causal mask only (no [B, 1, L, L] prefix bias)")
+    g.add_argument("--context-gib", type=float, default=1.0, help="CUDA context, NCCL and workspaces per GPU")
+    g.add_argument("--fragmentation", type=float, default=0.10, help="allocator overhead, a share of the rest")
+    p.add_argument("--search", action="store_true", help="list the layouts that fit (ep_size, ZeRO, micro-batch)")
+    p.add_argument("--limit", type=int, default=20, help="rows of --search")
+    p.add_argument("--max-micro-batch", type=int, help="--search: largest micro-batch tried (default: 32)")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pathways-mm", description="One sparse model, many tasks, many modalities.")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -309,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_continual,
         _add_routes_and_tasks,
         _add_bench,
+        _add_plan,
     ):
         add(sub)
     return p
