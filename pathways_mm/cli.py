@@ -153,7 +153,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     from pathways_mm.bench.moe import run_moe
 
     opts = _pick(args, "tokens", "dtype", "iters", "warmup", "capacity", "device", "threads", "stock_topk")
-    return run_guarded(lambda: run_moe(args.config, **opts))
+    return run_guarded(lambda: run_moe(args.config, json_out=args.json, **opts))
 
 
 def cmd_bench_telemetry(args: argparse.Namespace) -> int:
@@ -167,7 +167,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from pathways_mm.bench.train import run_train
 
     opts = _pick(args, "iters", "warmup", "batch", "seq_len", "dense", "threads")
-    return in_process_group(lambda: run_train(args.config, peak_tflops_override=args.peak_tflops, **opts))
+    return in_process_group(
+        lambda: run_train(args.config, peak_tflops_override=args.peak_tflops, json_out=args.json, **opts)
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -189,6 +191,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plan.format_plan(plan.plan(shape, **layout, **common)))
 
     return run_guarded(go)
+
+
+def cmd_bench_gpu_check(args: argparse.Namespace) -> int:
+    from pathways_mm.bench.gpu_check import failed_parts, run_gpu_check
+
+    failed: list[str] = []
+
+    def go() -> None:
+        opts = _pick(args, "budget_s", "demo_config")
+        parts = tuple(args.parts.split(","))
+        failed.extend(failed_parts(run_gpu_check(args.out, dry_run=args.dry_run or None, parts=parts, **opts)))
+
+    rc = run_guarded(go)
+    if failed:
+        print(
+            f"pathways-mm: gpu-check: {', '.join(failed)} did not finish; see {args.out}/gpu_check.log", file=sys.stderr
+        )
+    return rc or int(bool(failed))
 
 
 def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
@@ -298,6 +318,7 @@ def _add_bench(sub) -> None:
     m.add_argument("--device", help="default: cuda if available, else cpu")
     m.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     m.add_argument("--stock-topk", action="store_true", help="also time DeepSpeed's stock gate for top_k > 2")
+    m.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
     m.set_defaults(func=cmd_bench_moe)
     t = kinds.add_parser("train", help="full training steps of a pathways-mm model: tokens/s, MFU, peak memory")
     t.add_argument("--config", choices=["cpu", "1b"], default="cpu", help="model and batch (1b: one GPU)")
@@ -308,7 +329,15 @@ def _add_bench(sub) -> None:
     t.add_argument("--dense", action="store_true", help="also time the FLOP-matched dense model")
     t.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by GPU name)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
+    t.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
     t.set_defaults(func=cmd_bench_train)
+    g = kinds.add_parser("gpu-check", help="every GPU figure in one run of minutes (a dry run without CUDA)")
+    g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json, .md and .log")
+    g.add_argument("--dry-run", action="store_true", help="tiny configs even on a GPU (default: only without CUDA)")
+    g.add_argument("--budget-s", type=float, default=420, help="the whole check ends within this many seconds")
+    g.add_argument("--parts", default="pytest,moe,train,demo", help="comma-separated subset (a rerun of what failed)")
+    g.add_argument("--demo-config", default="configs/experiments/demo.yaml", help="experiment of the training run")
+    g.set_defaults(func=cmd_bench_gpu_check)
     y = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
     y.add_argument("--config", choices=["cpu", "gpu"], default="cpu", help="model and batch size")
     y.add_argument("--iters", type=int, default=30, help="timed steps per mode")
