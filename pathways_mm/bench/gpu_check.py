@@ -269,7 +269,7 @@ def run_gpu_check(
     out: str,
     *,
     dry_run: bool | None = None,
-    budget_s: float = 420,
+    budget_s: float = 450,
     demo_config: str = "configs/experiments/demo.yaml",
     parts: tuple[str, ...] = PARTS,
 ) -> dict[str, Any]:
