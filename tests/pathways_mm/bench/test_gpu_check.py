@@ -12,9 +12,7 @@ from tests.helpers import MOE_CFG, run_cli
 @pytest.mark.slow
 def test_dry_run_runs_every_part_on_tiny_configs(tmp_path, data_dir):
     out = tmp_path / "check"
-    res = run_cli(
-        ["bench", "gpu-check", "--out", out, "--demo-config", MOE_CFG, "--budget-s", "1200"], data_dir, timeout=1500
-    )
+    res = run_cli(["bench", "gpu-check", "--out", out, "--demo-config", MOE_CFG], data_dir, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:] + (out / "gpu_check.log").read_text()[-3000:]
     r = json.loads((out / "gpu_check.json").read_text())
     assert r["mode"].startswith("dry run") and failed_parts(r) == []
