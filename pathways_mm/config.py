@@ -521,21 +521,18 @@ def _validate_train(cfg: ExperimentConfig) -> None:
         )
 
 
-def model_differences(stored: dict[str, Any], model: ModelConfig, *, same_ep_size: bool = False) -> list[str]:
+def model_differences(stored: dict[str, Any], model: ModelConfig) -> list[str]:
     """The keys in which a stored model config (a checkpoint's) and `model` compute different things.
 
     The one rule for "same model" (resume, eval, export, add-task): every model key must match
     except how MoE layers run or train (RUNTIME_KEYS), since weights are stored per expert. A key
-    the stored config lacks (an older pathways-mm) holds its default there. `same_ep_size`: a
-    resume also needs the same ep_size (the optimizer state is split by expert-parallel rank).
+    the stored config lacks (an older pathways-mm) holds its default there.
     """
     new = to_dict(model)
     old = {**to_dict(ModelConfig(size=new["size"])), **stored}
     old_moe = {**to_dict(MoEConfig()), **(stored.get("moe") if isinstance(stored.get("moe"), dict) else {})}
     diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
     diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old_moe.get(k) != new["moe"][k]]
-    if same_ep_size and old_moe.get("ep_size") != new["moe"]["ep_size"]:
-        diff.append("model.moe.ep_size")
     return sorted(diff)
 
 

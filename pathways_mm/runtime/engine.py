@@ -186,6 +186,16 @@ def initialize(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     return engine
 
 
+def expert_peers(cfg: ExperimentConfig) -> list[int] | None:
+    """The ranks this rank exchanges tokens with (its expert-parallel group); None without expert parallelism.
+
+    DeepSpeed groups consecutive ranks by default; `"use_data_before_expert_parallelism": true` in
+    the DeepSpeed JSON strides them instead (ranks 0 and 2 of four), across machines.
+    """
+    ep = cfg.model.moe.ep_size if cfg.model.moe.num_experts else 1
+    return compat.expert_parallel_group_ranks(f"ep_size_{ep}") if ep > 1 else None
+
+
 def grads_finite(engine, loss: torch.Tensor) -> torch.Tensor:
     """Whether this rank's loss and every gradient are finite: a 0-dim bool tensor on the device.
 
