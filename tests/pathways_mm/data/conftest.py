@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 
 from pathways_mm.data.examples import write_examples
-
-SIZES = {"train": 12, "test": 4}
+from tests.helpers import EXAMPLE_SIZES
 
 
 @pytest.fixture(scope="session")
 def examples(tmp_path_factory, data_dir) -> Path:
     """The folder `pathways-mm data example` writes (experiment.yaml inside); media banks in data_dir."""
     out = tmp_path_factory.mktemp("own_data")
-    write_examples(out, data_dir, sizes=SIZES)
+    write_examples(out, data_dir, sizes=EXAMPLE_SIZES)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import tarfile
 from pathlib import Path
@@ -17,8 +18,9 @@ from pathways_mm.data.sources.manifest import JsonlSource
 from pathways_mm.data.taskset import resolve_tasks
 from pathways_mm.encoders.audio import Audio
 from pathways_mm.errors import ConfigError
+from pathways_mm.tasks import list_tasks
 from pathways_mm.tasks.corpus import number_words
-from tests.pathways_mm.data.conftest import SIZES
+from tests.helpers import EXAMPLE_SIZES as SIZES
 
 RATE = 16_000
 
@@ -81,8 +83,6 @@ def test_formats_agree_on_the_same_rows(tasks, data_dir):
 
 
 def test_declared_tasks_register_with_their_source(cfg, tasks):
-    from pathways_mm.tasks import list_tasks
-
     sources = {i.name: i.source for i in list_tasks()}
     assert sources["seen_digit"].startswith(f"declared in {cfg.source} (jsonl ")
     assert "webdataset" in sources["same_digit"] and "{000..001}.tar" in sources["same_digit"]
@@ -162,13 +162,13 @@ def test_csv_without_the_declared_column_is_a_config_error(tmp_path):
         image_task(tmp_path, ["image,x\n", "a.png,1\n"], name="m.csv")
 
 
-def shard(tmp_path, examples, members: dict[str, bytes], name="s-000.tar") -> Path:
+def shard(tmp_path, members: dict[str, bytes], name="s-000.tar") -> Path:
     path = tmp_path / name
     with tarfile.open(path, "w") as tf:
         for member, data in members.items():
             info = tarfile.TarInfo(member)
             info.size = len(data)
-            tf.addfile(info, __import__("io").BytesIO(data))
+            tf.addfile(info, io.BytesIO(data))
     return path
 
 
@@ -176,7 +176,6 @@ def test_bad_shard_members_name_the_shard_and_key(examples, tmp_path):
     png = (examples / "images" / "train-0000.png").read_bytes()
     path = shard(
         tmp_path,
-        examples,
         {"k0.png": png, "k0.txt": b"7\n", "k1.png": b"garbage", "k1.txt": b"8", "k2.txt": b"9"},
     )
     spec = DeclaredTaskConfig(inputs={"png": "image"}, target="txt", splits={"train": SourceConfig(path=str(path))})
@@ -193,7 +192,7 @@ def test_bad_shard_members_name_the_shard_and_key(examples, tmp_path):
 def test_a_truncated_shard_keeps_the_samples_before_the_damage(examples, tmp_path):
     png = (examples / "images" / "train-0000.png").read_bytes()
     members = {f"k{i}.{ext}": data for i in range(4) for ext, data in (("png", png), ("txt", b"1"))}
-    path = shard(tmp_path, examples, members)
+    path = shard(tmp_path, members)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2 + 100])
     src = open_source(SourceConfig(path=str(path)), ["png", "txt"], "train", tmp_path)
