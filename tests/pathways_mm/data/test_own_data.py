@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import read_metrics, run_cli, sets
+from tests.helpers import deepspeed_launch, read_metrics, run_cli, sets
 
 QUICK = sets("train.micro_batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.max_samples=4")
 MOE = sets("model.moe.num_experts=4", "model.moe.top_k=2")
@@ -154,3 +154,16 @@ def test_bad_data_is_named_skipped_and_counted(broken, data_dir, tmp_path):
         data_dir,
     )
     assert res.returncode == 2 and "more than data.max_bad_fraction=0.01" in res.stderr
+
+
+@pytest.mark.distributed
+def test_two_processes_with_workers_count_bad_samples_over_both_ranks(broken, data_dir, tmp_path):
+    out = tmp_path / "dp"
+    args = [broken / "experiment.yaml", *QUICK, *sets("train.steps=4", f"train.out_dir={out}", "data.num_workers=1")]
+    res = deepspeed_launch(2, ["train", *args, *sets("data.on_bad_sample=skip", "data.max_bad_fraction=0.5")], data_dir)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = read_metrics(out)
+    counted = [r for r in records if "read_total" in r]
+    assert counted[-1]["read_total"] == 4 * 8 * 2  # every rank's samples, summed
+    assert counted[-1]["bad_total"] >= 1 and records[-1]["weights_in_sync"] is True
+    assert all(t["n"] == 4 for t in records[-1]["eval"].values())  # both ranks' shards of each declared task
