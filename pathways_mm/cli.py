@@ -147,10 +147,13 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    from pathways_mm.data.taskset import resolve_tasks
     from pathways_mm.tasks import list_tasks, load_plugins
 
     def go() -> None:
         load_plugins(args.plugin)
+        if args.config:
+            resolve_tasks(load_config(args.config, args.overrides))  # its plugins and declared tasks
         infos = list_tasks()
         w = max(len(i.name) for i in infos)
         print(f"{'task':<{w}}  {'modalities':<18} {'metrics':<28} source")
@@ -220,6 +223,45 @@ def cmd_bench_gpu_check(args: argparse.Namespace) -> int:
             f"pathways-mm: gpu-check: {', '.join(failed)} did not finish; see {args.out}/gpu_check.log", file=sys.stderr
         )
     return rc or int(bool(failed))
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from pathways_mm.data.check import check_data
+
+    return run_guarded(lambda: check_data(load_config(args.config, args.overrides), num_workers=args.workers))
+
+
+def cmd_data_example(args: argparse.Namespace) -> int:
+    from pathways_mm.config import data_root
+    from pathways_mm.data.examples import write_examples
+
+    def go() -> None:
+        path = write_examples(Path(args.out), data_root(), sizes={"train": args.train, "test": args.test})
+        print(f"pathways-mm: wrote {args.out}; train on it with: pathways-mm train {path}", file=sys.stderr)
+
+    return run_guarded(go)
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from pathways_mm.bench.data import run_data
+
+    opts = _pick(args, "workers", "batches", "steps", "rows", "memory_only", "threads")
+    return in_process_group(lambda: run_data(args.config, args.overrides, **opts))
+
+
+def _add_data(sub) -> None:
+    d = sub.add_parser("data", help="your own data: check a config's declared tasks, write an example dataset")
+    kinds = d.add_subparsers(dest="data", required=True, metavar="ACTION")
+    c = kinds.add_parser("check", help="read every sample of every declared task and list the bad ones")
+    c.add_argument("config", help="experiment YAML with a declare: section")
+    c.add_argument("--workers", type=int, help="background readers (default: the config's data.num_workers)")
+    _add_set(c)
+    c.set_defaults(func=cmd_data_check)
+    e = kinds.add_parser("example", help="write a small dataset in every source format and its experiment YAML")
+    e.add_argument("out", help="new folder for the dataset")
+    e.add_argument("--train", type=int, default=48, help="training samples per format")
+    e.add_argument("--test", type=int, default=16, help="test samples per format")
+    e.set_defaults(func=cmd_data_example)
 
 
 def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
@@ -323,6 +365,8 @@ def _add_routes_and_tasks(sub) -> None:
     r.set_defaults(func=cmd_routes)
     k = sub.add_parser("tasks", help="list registered tasks, their modalities and where they come from")
     k.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also import this plugin module")
+    k.add_argument("--config", help="also list the tasks this experiment YAML declares (and its plugins' tasks)")
+    _add_set(k)
     k.set_defaults(func=cmd_tasks)
 
 
@@ -365,6 +409,16 @@ def _add_bench(sub) -> None:
     y.add_argument("--warmup", type=int, default=3)
     y.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
     y.set_defaults(func=cmd_bench_telemetry)
+    d = kinds.add_parser("data", help="input pipeline: samples/s per task and worker count; live vs pre-made batches")
+    d.add_argument("--config", default="configs/experiments/demo.yaml", help="experiment YAML (its tasks and model)")
+    _add_set(d)
+    d.add_argument("--workers", default="0,1,2", help="worker counts to time, comma-separated")
+    d.add_argument("--batches", type=int, default=20, help="micro-batches timed per task and worker count")
+    d.add_argument("--steps", type=int, default=20, help="training steps timed per row (live and pre-made)")
+    d.add_argument("--rows", type=int, default=0, help="also measure resident bytes per row of an N-row manifest")
+    d.add_argument("--memory-only", action="store_true", help="only the --rows measurement (no timing)")
+    d.add_argument("--threads", type=int, default=0, help="CPU threads of the training step (0 = torch's default)")
+    d.set_defaults(func=cmd_bench_data)
 
 
 def _add_plan(sub) -> None:
@@ -409,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_continual,
         _add_ablate,
         _add_routes_and_tasks,
+        _add_data,
         _add_bench,
         _add_plan,
     ):

@@ -21,6 +21,8 @@ import yaml
 
 from pathways_mm.errors import ConfigError
 from pathways_mm.io import existing
+from pathways_mm.metrics import METRICS
+from pathways_mm.tasks.base import MODALITIES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +180,43 @@ class DataConfig:
     root: str | None = None  # dataset cache; default $PMM_DATA or ~/.cache/pathways_mm
     seed: int = 1234
     max_len: int = 128  # longest sequence (task token + prompt + target) fed to the model
+    # Input pipeline: background processes that read, decode and collate the next batches
+    # (a torch DataLoader); 0 = in the training process, between steps.
+    num_workers: int = 0
+    prefetch_factor: int = 2  # micro-batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for a faster copy to the GPU (ignored on a CPU)
+    # A sample that cannot be read or decoded: "error" stops the run naming the file; "skip"
+    # drops it from its batch, counts it in metrics.jsonl, and stops the run only once more
+    # than max_bad_fraction of the samples read so far were bad.
+    on_bad_sample: str = "error"
+    max_bad_fraction: float = 0.01
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """Where one split of a declared task comes from (docs: README "Training on your own data").
+
+    format: jsonl | csv (a manifest; media fields hold paths relative to it), webdataset (.tar
+    shards, brace patterns allowed, fields are member extensions), hf (a `save_to_disk` folder)
+    or parquet (files of a Hugging Face dataset); null = from the path's suffix.
+    """
+
+    path: str = ""  # relative paths are relative to the experiment file
+    format: str | None = None
+    split: str | None = None  # hf: which split of a DatasetDict folder (default: the split's own name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeclaredTaskConfig:
+    """A task made from data, without Python: fields -> modality segments -> the target text."""
+
+    inputs: dict[str, str] = field(default_factory=dict)  # field -> modality (text/image/audio), in order
+    prompt: str = ""  # text after the inputs, before the answer
+    target: str = ""  # the field holding the answer text
+    metrics: tuple[str, ...] = ("exact_match",)
+    max_new_tokens: int = 16  # longest generated answer in evaluation
+    description: str = ""
+    splits: dict[str, SourceConfig] = field(default_factory=dict)  # split name (train, test, ...) -> source
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,6 +275,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    declare: dict[str, DeclaredTaskConfig] = field(default_factory=dict)  # tasks made from data files
     source: str | None = None  # where the config was read from; set by load_config
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,7 +393,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {' '.join(str(e).split())}") from None
         _set_dotted(out, key.strip(), value)
     return out
 
@@ -387,8 +427,31 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] | dict[str, An
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
-    data = merge_dicts(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    # a declared source is relative to the file that names it (--set paths: to the working directory)
+    data = merge_dicts(_absolute_sources(data, p.resolve().parent), _absolute_sources(extra, Path.cwd()))
     return config_from_dict(data, source=str(p.resolve()))
+
+
+def _absolute_sources(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """`data` with each `declare.TASK.splits.SPLIT.path` made absolute against `base` (malformed
+    entries are left for the type checks to report)."""
+    declare = data.get("declare")
+    if not isinstance(declare, dict):
+        return data
+    out = {}
+    for name, spec in declare.items():
+        splits = spec.get("splits") if isinstance(spec, dict) else None
+        if isinstance(splits, dict):
+            splits = {
+                k: {**v, "path": str(base / Path(v["path"]).expanduser())}
+                if isinstance(v, dict) and isinstance(v.get("path"), str) and v["path"]
+                else v
+                for k, v in splits.items()
+            }
+            spec = {**spec, "splits": splits}
+        out[name] = spec
+    return {**data, "declare": out}
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -397,6 +460,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_moe(cfg.model.moe)
     _validate_tasks(cfg)
     _validate_train(cfg)
+    _validate_data(cfg)
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -519,6 +583,42 @@ def _validate_train(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "eval.routes: a dense model has no routes; set model.moe.num_experts > 0 or eval.routes: false"
         )
+
+
+SOURCE_FORMATS = ("jsonl", "csv", "webdataset", "hf", "parquet")
+
+
+def _validate_data(cfg: ExperimentConfig) -> None:
+    d = cfg.data
+    if d.num_workers < 0 or d.prefetch_factor < 1:
+        raise ConfigError("data.num_workers must be >= 0 (0 = no workers) and data.prefetch_factor >= 1")
+    if d.on_bad_sample not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_sample: {d.on_bad_sample!r} is not 'error' or 'skip'")
+    if not 0 <= d.max_bad_fraction < 1:
+        raise ConfigError(f"data.max_bad_fraction must be within [0, 1), got {d.max_bad_fraction}")
+    for name, spec in cfg.declare.items():
+        where = f"declare.{name}"
+        if not name.isidentifier():
+            raise ConfigError(f"{where}: a task name must be identifier-like (letters, digits, _)")
+        if not spec.inputs and not spec.prompt:
+            raise ConfigError(f"{where}.inputs: map at least one field to a modality (e.g. {{image: image}})")
+        bad = {f: m for f, m in spec.inputs.items() if m not in MODALITIES}
+        if bad:
+            raise ConfigError(f"{where}.inputs: unknown modalities {bad}; choose from {list(MODALITIES)}")
+        if not spec.target:
+            raise ConfigError(f"{where}.target: name the field that holds the answer text")
+        bad_metrics = [m for m in spec.metrics if m not in METRICS]
+        if not spec.metrics or bad_metrics:
+            raise ConfigError(f"{where}.metrics: {list(spec.metrics)}; choose from {list(METRICS)}")
+        if spec.max_new_tokens < 1:
+            raise ConfigError(f"{where}.max_new_tokens must be >= 1")
+        if "train" not in spec.splits:
+            raise ConfigError(f"{where}.splits: give at least a train source, e.g. train: {{path: train.jsonl}}")
+        for split, src in spec.splits.items():
+            if not src.path:
+                raise ConfigError(f"{where}.splits.{split}.path: the file, folder or shard pattern to read")
+            if src.format is not None and src.format not in SOURCE_FORMATS:
+                raise ConfigError(f"{where}.splits.{split}.format: {src.format!r}; choose from {list(SOURCE_FORMATS)}")
 
 
 def model_differences(stored: dict[str, Any], model: ModelConfig) -> list[str]:

@@ -66,6 +66,22 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def register_declared(cls: type[Task], source: str) -> type[Task]:
+    """Register a task declared by a config (data, not code): a later declaration of the same
+    name replaces an earlier one (another config, or a checkpoint's), but never a task with code."""
+    load_builtin()
+    load_entry_points()
+    _check_spec(cls, source)
+    old = _REGISTRY.get(cls.name)
+    if old is not None and not getattr(old.cls, "declared", False):
+        raise ConfigError(
+            f"task '{cls.name}' is declared by {source} but already registered by {old.source} "
+            f"({old.cls.__module__}); give the declared task another name"
+        )
+    _REGISTRY[cls.name] = TaskInfo(name=cls.name, cls=cls, source=source)
+    return cls
+
+
 def _import(module: str, source: str) -> None:
     with _loading(source):
         try:

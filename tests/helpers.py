@@ -21,6 +21,7 @@ from pathways_mm.runtime.engine import free_port
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CFG = ROOT / "configs" / "experiments" / "debug.yaml"
 MOE_CFG = ROOT / "configs" / "experiments" / "moe_debug.yaml"
+EXAMPLE_SIZES = {"train": 12, "test": 4}  # rows per split of `pathways-mm data example` datasets in tests
 _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 

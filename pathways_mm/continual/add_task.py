@@ -38,6 +38,7 @@ from pathways_mm.config import (
 from pathways_mm.continual import surgery
 from pathways_mm.data.collate import collate
 from pathways_mm.data.datasets import encode, load_split
+from pathways_mm.data.declared import declare_tasks
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_write_text
@@ -268,7 +269,10 @@ def _with_user_settings(old: ExperimentConfig, config: str | None, overrides: di
                 f"{config}: model differs from the checkpoint's in {', '.join(diff)} "
                 f"(the checkpoint is a {old.model.size} model); use a config of the same model size"
             )
-        return old.replace(data=user.data, eval=user.eval, train=user.train, seed=user.seed, plugins=user.plugins)
+        declare = {**old.declare, **user.declare}  # the new task may be one the user's config declares
+        return old.replace(
+            data=user.data, eval=user.eval, train=user.train, seed=user.seed, plugins=user.plugins, declare=declare
+        )
     return old
 
 
@@ -319,6 +323,7 @@ def prepare(source: str, opts: AddTaskOptions) -> Request:
     # --set applies on top of --config when both are given, else on top of the checkpoint's config
     tag_dir, meta, old = ckpt.open_checkpoint(source, load_tokenizer(), overrides if config is None else None)
     old = _with_user_settings(old, config, overrides)
+    declare_tasks(old)  # a declared new task (from --config) can be looked up
     _check_request(old, tag_dir, meta["task_table"], opts)
     out = _out_dir(tag_dir, opts.task, opts.out_dir)
     return Request(tag_dir, meta, old, new_config(old, opts, str(out)))

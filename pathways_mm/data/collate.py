@@ -12,7 +12,7 @@ Shape suffixes: B rows, L positions, Lp prefix positions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,14 @@ class _Media:
     clips: list[torch.Tensor] = field(default_factory=list)
     clip_at: list[tuple[int, int, int]] = field(default_factory=list)
     clip_masks: list[Any] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, ...]:
+        return tuple(len(v) for v in vars(self).values())
+
+    def rollback(self, mark: tuple[int, ...]) -> None:
+        """Forget what was added since `mark` (a sample that failed halfway through its segments)."""
+        for v, n in zip(vars(self).values(), mark):
+            del v[n:]
 
     def attach(self, batch: Batch, L: int, training: bool) -> None:
         if self.images:
@@ -169,19 +177,34 @@ def collate(
     with_target: bool = True,
     model_cfg: ModelConfig | None = None,
     rng: np.random.Generator | None = None,
-    keys: Sequence[str] | None = None,
+    keys: Sequence[Any] | None = None,
+    on_bad: Callable[[int, ConfigError], None] | None = None,
 ) -> Batch:
     """Tokenise, prepare media, lay out rows, pad right. Targets are cut to fit `max_len`.
 
-    `rng` (training only) draws the augmentation; `keys` name the samples in error messages.
+    `rng` (training only) draws the augmentation; `keys` name the samples in error messages
+    (str() of each, taken only for a message). A sample that cannot be laid out (bad media, too
+    long) raises a ConfigError, or with `on_bad` is left out of the batch and reported to
+    `on_bad(its index, the error)`.
     """
     mcfg = model_cfg or ModelConfig()
     media = _Media()
-    rows = []
+    rows, kept = [], []
     for b, ex in enumerate(examples):
         where = keys[b] if keys is not None else f"sample {b} of the batch"
-        rows.append(_lay_out(ex, b, tokenizer, max_len, with_target, mcfg, rng, media, where))
-    batch = _pad(rows, task_ids, tokenizer.pad_id)
+        mark = media.mark()
+        try:
+            rows.append(_lay_out(ex, len(rows), tokenizer, max_len, with_target, mcfg, rng, media, where))
+        except ConfigError as e:
+            if on_bad is None:
+                raise
+            media.rollback(mark)
+            on_bad(b, e)
+            continue
+        kept.append(b)
+    if not rows:
+        raise ConfigError(f"no sample of the batch could be used ({len(examples)} were bad)")
+    batch = _pad(rows, [task_ids[b] for b in kept], tokenizer.pad_id)
     media.attach(batch, batch.tokens.shape[1], training=rng is not None)
     return batch
 

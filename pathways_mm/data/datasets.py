@@ -1,12 +1,15 @@
 """Task datasets on disk: each split built once into the data root, then read back.
 
 A split is a JSONL file of small JSON samples (media tasks point into their own banks under
-the same root); `encode` turns a sample into the `MultimodalExample` the model reads.
+the same root), or, for a task declared in a config, its source (`data/sources/`): an index
+whose rows are read when asked for. `encode` turns a sample into the `MultimodalExample` the
+model reads.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,16 @@ def split_path(task: Task, split: str, root: Path, seed: int) -> Path:
     return Path(root) / task.name / f"{split}-seed{seed}-v{version}.jsonl"
 
 
-def load_split(task: Task, split: str, root: Path, seed: int) -> list[Any]:
-    """Samples of one split, built once into `root` (atomically) and read back afterwards."""
+def load_split(task: Task, split: str, root: Path, seed: int) -> Sequence[Any]:
+    """Samples of one split, built once into `root` (atomically) and read back afterwards; a
+    declared task's split is its source (an index; rows are read when asked for)."""
     if split not in task.splits:
         raise ConfigError(f"task '{task.name}' has no split '{split}'; it has {list(task.splits)}")
-    path = split_path(task, split, root, seed)
     task.bind(Path(root), seed)
+    open_split = getattr(task, "open_split", None)
+    if open_split is not None:  # a declared task: its rows stay on disk, read on demand
+        return open_split(split, Path(root))
+    path = split_path(task, split, root, seed)
     if path.is_file():
         return _read_cache(path)
     samples = list(task.build_dataset(split, Path(root), seed))
@@ -48,6 +55,8 @@ def encode(task: Task, sample: Any) -> MultimodalExample:
     """`task.encode(sample)`, with a malformed sample reported as a ConfigError naming the task."""
     try:
         ex = task.encode(sample)
+    except ConfigError:  # a bad sample (BadSample) names its file already
+        raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise ConfigError(
             f"task '{task.name}': cannot encode sample {str(sample)[:80]!r} ({type(e).__name__}: {e}); "

@@ -27,6 +27,7 @@ import torch
 from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process
 from pathways_mm.data.collate import collate, prompt_only
 from pathways_mm.data.datasets import encode, load_split
+from pathways_mm.data.declared import declare_tasks
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_write_text
@@ -136,13 +137,14 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out {out_dir} exists and is not empty; choose a new directory")
+    declare_tasks(cfg)  # data, not code: a checkpoint's declared tasks are safe to rebuild
     task, tid = get_task(task_name), table[task_name]
     model = build_model(cfg.model, tok.vocab_size)
     ckpt.load_weights(model, ckpt.load_full_state(tag_dir), tag_dir)
     model.to(ds_engine.device()).eval()
     limit = cfg.eval.max_samples if max_samples is None else max_samples
-    samples = list(load_split(task, cfg.eval.split, data_root(cfg), cfg.data.seed))
-    samples = samples[:limit] if limit else samples
+    samples = load_split(task, cfg.eval.split, data_root(cfg), cfg.data.seed)
+    samples = list(samples[:limit] if limit else samples)
     full_out: list = []
     counts = expert_counts(model, lambda: full_out.extend(run_task(model, task, tid, samples, cfg, tok)))
     keep = pathway_experts(model, tid, counts, cfg.model.moe.top_k)

@@ -20,7 +20,10 @@ from pathways_mm import dist, routes_file
 from pathways_mm.config import ExperimentConfig, data_root, one_process
 from pathways_mm.data.collate import collate, prompt_only
 from pathways_mm.data.datasets import encode, load_split
+from pathways_mm.data.declared import declare_tasks
+from pathways_mm.data.sources import Row
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
+from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_write_text
 from pathways_mm.metrics import EvalRow, format_table, score
 from pathways_mm.model.generate import greedy_generate
@@ -43,30 +46,56 @@ def _shard(items: list[Any], rank: int, world: int) -> tuple[list[Any], int]:
     return (mine + [items[-1]] * (per - len(mine)) if mine else [items[-1]] * per), len(mine)
 
 
+def _read_chunk(task: Task, samples: Sequence[Any], idxs: list[int], skip: bool) -> tuple[list[tuple], list[int]]:
+    """(position in the chunk, index, sample, example) of each readable sample, and the indices of
+    the bad ones (data.on_bad_sample: skip; else the first bad one raises)."""
+    kept, bad = [], []
+    for pos, idx in enumerate(idxs):
+        try:
+            sample = samples[idx]
+            kept.append((pos, idx, sample, encode(task, sample)))
+        except ConfigError:
+            if not skip:
+                raise
+            bad.append(idx)
+    return kept, bad
+
+
 def _task_rows(
-    model, task: Task, tid: int, samples: list[Any], cfg: ExperimentConfig, tok: TextTokenizer, split: str
-) -> list[EvalRow]:
-    """One EvalRow per sample of this rank's shard."""
+    model, task: Task, tid: int, samples: Sequence[Any], cfg: ExperimentConfig, tok: TextTokenizer, split: str
+) -> tuple[list[EvalRow], set[int]]:
+    """One EvalRow per good sample of this rank's shard, and the indices of its bad samples."""
     rank, world = dist.rank_world()
-    mine, num_real = _shard(list(enumerate(samples)), rank, world)
+    mine, num_real = _shard(list(range(len(samples))), rank, world)
     dev = ds_engine.device()
     need_gen = any(m in task.metrics for m in ("exact_match", "char_error_rate"))
-    rows = []
+    skip = cfg.data.on_bad_sample == "skip"
+    rows, bad_idxs = [], set()
     bs = cfg.eval.batch_size
     for start in range(0, len(mine), bs):
-        chunk = mine[start : start + bs]
-        examples = [encode(task, s) for _, s in chunk]
-        keys = [f"{split}[{idx}]" for idx, _ in chunk]
-        batch = collate(examples, [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model, keys=keys).to(dev)
+        kept, bad = _read_chunk(task, samples, mine[start : start + bs], skip)
+        dropped: list[int] = []
+        keys = [s if isinstance(s, Row) else f"{split}[{idx}]" for _, idx, s, _ in kept]
+        on_bad = (lambda b, e, dropped=dropped: dropped.append(b)) if skip else None
+        if not kept:
+            raise ConfigError(f"task '{task.name}': every sample of an evaluation batch of {split} was bad")
+        examples = [ex for *_, ex in kept]
+        batch = collate(
+            examples, [tid] * len(kept), tok, cfg.data.max_len, model_cfg=cfg.model, keys=keys, on_bad=on_bad
+        )
+        bad_idxs.update(bad + [kept[b][1] for b in dropped])
+        kept = [k for b, k in enumerate(kept) if b not in dropped]
+        batch = batch.to(dev)
         prompts = prompt_only(batch, tok.pad_id) if need_gen else None
-        batch.modality_ids[max(0, num_real - start) :] = -1  # route telemetry counts each sample once, on one rank
+        repeat_B = torch.tensor([start + pos >= num_real for pos, *_ in kept], device=dev)
+        batch.modality_ids[repeat_B] = -1  # route telemetry counts each sample once, on one rank
         out = forward_loss(model, batch)
-        gen = [None] * len(chunk)
+        gen = [None] * len(kept)
         if need_gen:
             with telemetry.paused(model):  # decoding re-reads the prefix each step: count it once, above
                 ids = greedy_generate(model, prompts, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
             gen = [tok.decode(x) for x in ids]
-        for j, (idx, sample) in enumerate(chunk):
+        for j, (_, idx, sample, ex) in enumerate(kept):
             rows.append(
                 EvalRow(
                     idx,
@@ -74,11 +103,11 @@ def _task_rows(
                     out.num_tokens_B[j].item(),
                     batch.target_bytes[j].item(),
                     gen[j],
-                    examples[j].target_text,
+                    ex.target_text,
                     task.group(sample),
                 )
             )
-    return rows
+    return rows, bad_idxs
 
 
 def evaluate(
@@ -105,9 +134,12 @@ def evaluate(
         train = train_sets[tid] if train_sets is not None else load_split(task, "train", root, cfg.data.seed)
         samples = samples[:limit] if limit else samples
         with torch.no_grad():
-            rows = _task_rows(model, task, tid, samples, cfg, tok, split)
+            rows, bad = _task_rows(model, task, tid, samples, cfg, tok, split)
         by_index = {r.index: r for part in dist.gather(rows) for r in part}  # repeats from shard padding collapse
         res = score([by_index[i] for i in sorted(by_index)], task.metrics, task.final_answer)
+        bad = set().union(*dist.gather(bad))
+        if bad:
+            res["bad_samples"] = len(bad)
         res["chance"] = {m: task.chance(m, train, samples) for m in task.metrics}
         results[task.name] = res
     if was_training:
@@ -137,6 +169,7 @@ def run_eval(
         cfg = one_process(cfg)
     # Only plugins the user names are imported: a checkpoint from someone else must not choose code to run.
     ensure_loaded(cfg.plugins if overrides and "plugins" in overrides else ())
+    declare_tasks(cfg)  # declared tasks are data, not code: the checkpoint's declarations are safe to use
     table = meta["task_table"]
     tasks = [get_task(name) for name in sorted(table, key=table.get)]
     engine = ds_engine.initialize_for_eval(build_model(cfg.model, tok.vocab_size), cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from tqdm import tqdm
 
 from pathways_mm import dist, routes_file
 from pathways_mm.config import ExperimentConfig, to_dict
+from pathways_mm.data.loader import micro_batches
 from pathways_mm.data.sampler import MixtureSampler
-from pathways_mm.data.taskset import TaskSet, load_tasks, make_sampler, train_batch
+from pathways_mm.data.taskset import LoadedBatch, TaskSet, load_tasks, make_sampler
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import TrainingAborted
 from pathways_mm.io import atomic_write_text
@@ -36,6 +38,7 @@ from pathways_mm.runtime import engine as ds_engine
 from pathways_mm.runtime import faults, reshard
 from pathways_mm.runtime.watchdog import CollectiveGuard
 from pathways_mm.training import routes
+from pathways_mm.training.bad_samples import BadSamples
 from pathways_mm.training.evaluate import evaluate
 from pathways_mm.training.losses import forward_loss
 
@@ -138,6 +141,8 @@ class Run:
     start: int
     window: LossWindow
     log: MetricsLog | None  # rank 0 only
+    batches: Iterator[LoadedBatch] | None = None  # this rank's micro-batches from the DataLoader, in order
+    bad: BadSamples | None = None  # samples read and skipped (data.on_bad_sample: skip)
     bar: tqdm | None = None
     bad_in_a_row: int = 0
     t0: float = field(default_factory=time.time)
@@ -230,6 +235,8 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
             f"({n_active / 1e6:.2f}M active), {world} process(es){ep}, steps {start}->{cfg.train.steps}, mixture {mixture}"
         )
     r.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    r.bad = BadSamples(cfg.data, list(ts.table), r.say)
+    r.batches = micro_batches(cfg, ts, r.sampler, tok, rank, start)
     engine.train()
     return r
 
@@ -241,7 +248,10 @@ def train_step(r: Run, step: int) -> None:
     faults.maybe_die("hang", done, r.rank)
     micro_stats = []
     for micro in range(r.cfg.train.grad_accum):
-        batch = train_batch(r.cfg, r.ts, r.sampler, r.tok, step, micro, r.rank).to(dev)
+        loaded = next(r.batches)
+        assert (loaded.step, loaded.micro) == (step, micro), ((loaded.step, loaded.micro), (step, micro))
+        r.bad.add(loaded)
+        batch = loaded.batch.to(dev)
         out = forward_loss(r.engine, batch, r.cfg.train.loss_norm)
         r.engine.backward(out.loss)
         if micro + 1 < r.cfg.train.grad_accum:
@@ -272,7 +282,9 @@ def train_step(r: Run, step: int) -> None:
 
 
 def log_step(r: Run, done: int) -> None:
-    """Mean loss and per-task loss since the last log step, over every rank, into metrics.jsonl."""
+    """Mean loss and per-task loss since the last log step, over every rank, into metrics.jsonl
+    (with data.on_bad_sample: skip, the bad samples too)."""
+    bad = r.bad.reduce(ds_engine.device()) if r.cfg.data.on_bad_sample == "skip" else {}
     if r.window.empty:
         return
     loss, per_task = r.window.reduce(done, r.ts.table)
@@ -286,6 +298,7 @@ def log_step(r: Run, done: int) -> None:
                 "lr": lr,
                 "skipped_steps": r.engine.skipped_steps,
                 "elapsed_s": round(time.time() - r.t0, 2),
+                **bad,
             }
         )
         r.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
@@ -326,6 +339,7 @@ def evaluate_and_route(r: Run, step: int) -> dict[str, Any]:
 def stop(r: Run, done: int) -> dict[str, Any]:
     """`--stop-after`: the checkpoint is saved; say how to continue."""
     r.bar.close()
+    r.batches = None  # ends the DataLoader's workers
     path = r.ckpt_dir / ckpt.tag_for(done)
     r.say(f"stopped after step {done}; checkpoint {path}; continue with --resume")
     return {"step": done, "checkpoint": str(path), "stopped": True}
@@ -335,21 +349,28 @@ def finish(r: Run) -> dict[str, Any]:
     """The last step is done: check the replicas agree, save, evaluate, print the summary."""
     steps = r.cfg.train.steps
     r.bar.close()
+    r.batches = None  # ends the DataLoader's workers
     r.hooks.trained(r.engine)
     in_sync = ds_engine.weights_in_sync(r.engine, r.world)
     final = r.ckpt_dir / ckpt.tag_for(steps)
     if r.start < steps or not final.exists():
         final = save(r, steps)
     last_eval = evaluate_and_route(r, steps)
+    passes = dict(zip(r.ts.table, (round(p, 4) for p in r.sampler.passes(steps, r.cfg.train.micro_batch_size))))
     summary = {
         "step": steps,
         "checkpoint": str(final),
         "eval": last_eval,
         "train_s": round(time.time() - r.t0, 1),
         "weights_in_sync": in_sync,
+        "passes": passes,
     }
     if r.log is not None:
-        r.log.write({"step": steps, "eval": last_eval, "weights_in_sync": in_sync})
+        r.log.write({"step": steps, "eval": last_eval, "weights_in_sync": in_sync, "passes": passes})
         print(format_table(last_eval), file=sys.stderr)
+        r.say(
+            "passes over each task's training data (1 = every sample once): "
+            + ", ".join(f"{t} {p:.2f}" for t, p in passes.items())
+        )
         r.say(f"done in {summary['train_s']}s; checkpoint {final}; metrics {r.out_dir / 'metrics.jsonl'}")
     return summary

@@ -62,6 +62,45 @@ def test_bad_configs_name_the_key(tmp_path, text, match):
         load_config(write(tmp_path, text))
 
 
+DECLARE = "declare: {own: {inputs: {image: image}, target: label, splits: {train: {path: a/train.jsonl}}}}\n"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (
+            DECLARE.replace("image: image", "image: video"),
+            r"declare.own.inputs: unknown modalities \{'image': 'video'\}",
+        ),
+        (DECLARE.replace("target: label", "target: ''"), r"declare.own.target: name the field"),
+        (DECLARE.replace("train:", "test:"), r"declare.own.splits: give at least a train source"),
+        (
+            DECLARE.replace("path: a/train.jsonl", "path: a.jsonl, format: tsv"),
+            r"declare.own.splits.train.format: 'tsv'",
+        ),
+        (DECLARE.replace("target: label", "target: label, metrics: [bleu]"), r"declare.own.metrics: \['bleu'\]"),
+        (DECLARE.replace("own:", "my-task:"), r"declare.my-task: a task name must be identifier-like"),
+        (DECLARE.replace("target: label", "target: label, prompts: x"), r"unknown config key 'declare.own.prompts'"),
+        ("data: {on_bad_sample: ignore}\n", r"data.on_bad_sample: 'ignore' is not 'error' or 'skip'"),
+        ("data: {max_bad_fraction: 1.0}\n", r"data.max_bad_fraction must be within \[0, 1\)"),
+        ("data: {num_workers: -1}\n", r"data.num_workers must be >= 0"),
+    ],
+)
+def test_bad_declarations_name_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_declared_paths_are_relative_to_the_file_that_names_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    cfg = load_config(write(tmp_path / "sub", DECLARE), ["declare.own.splits.test.path=b/test.jsonl"])
+    splits = cfg.declare["own"].splits
+    assert splits["train"].path == str(tmp_path / "sub" / "a" / "train.jsonl")  # next to the YAML
+    assert splits["test"].path == str(tmp_path / "b" / "test.jsonl")  # --set: the working directory
+    assert config_from_dict(to_dict(cfg)).declare == cfg.declare  # as a checkpoint stores and reads it
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("nope/none.yaml")

@@ -76,6 +76,20 @@ def test_duplicate_of_a_builtin_is_refused(scratch_registry):
         register_task(make_task(name="text_lm"))
 
 
+def test_a_declared_task_replaces_a_declared_one_but_never_a_task_with_code(scratch_registry):
+    first, second = make_task(name="own_task"), make_task(name="own_task")
+    first.declared = second.declared = True
+    registry.register_declared(first, "declared in a.yaml")
+    registry.register_declared(second, "declared in b.yaml")  # another config declares it anew
+    assert (
+        registry._REGISTRY["own_task"].cls is second and registry._REGISTRY["own_task"].source == "declared in b.yaml"
+    )
+    with pytest.raises(
+        ConfigError, match=r"'text_lm' is declared by declared in c.yaml but already registered by builtin"
+    ):
+        registry.register_declared(make_task(name="text_lm"), "declared in c.yaml")
+
+
 @pytest.mark.parametrize("missing", ["name", "modalities", "metrics", "build_dataset", "encode"])
 def test_incomplete_spec_names_what_is_missing(scratch_registry, missing):
     with pytest.raises(ConfigError, match=f"missing {missing}"):

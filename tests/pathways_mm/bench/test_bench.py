@@ -3,6 +3,7 @@ import re
 import pytest
 import torch
 
+from pathways_mm.bench.data import manifest_memory
 from pathways_mm.bench.train import peak_tflops, step_flops
 from tests.helpers import run_cli
 
@@ -58,3 +59,45 @@ def test_bench_train_mfu_uses_the_given_peak():
     assert peak_tflops(torch.device("cpu"), 2.5) == 2.5
     # 6 N per token, plus 12 * layers * d_model * L per token for attention
     assert step_flops(1000, 2, 16, 3, 8) == (6 * 1000 + 12 * 2 * 16 * 8) * 3 * 8
+
+
+@pytest.mark.slow
+def test_bench_data_times_the_pipeline_and_the_step_both_ways(data_dir):
+    res = run_cli(
+        [
+            "bench",
+            "data",
+            "--config",
+            "configs/experiments/debug.yaml",
+            "--workers",
+            "0,1",
+            "--batches",
+            "2",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+            *["--set", "train.micro_batch_size=4"],
+        ],
+        data_dir,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rates = dict(
+        (t, (float(a.replace(",", "")), float(b.replace(",", ""))))
+        for t, a, b in re.findall(r"^(text_lm|text_arith)\s+([\d,]+)\s+([\d,]+)$", res.stdout, re.M)
+    )
+    assert set(rates) == {"text_lm", "text_arith"} and all(v > 0 for r in rates.values() for v in r), res.stdout
+    live = float(re.search(r"fed by the DataLoader\s+([\d.]+)", res.stdout).group(1))
+    pre = float(re.search(r"pre-made batches\s+([\d.]+)", res.stdout).group(1))
+    ratio = float(re.search(r"ratio live / pre-made: ([\d.]+)", res.stdout).group(1))
+    assert live > 0 and pre > 0 and ratio == pytest.approx(live / pre, rel=0.01)
+
+
+@pytest.mark.slow
+def test_an_open_manifest_costs_its_index_not_its_rows():
+    rows = 200_000
+    mem = manifest_memory(rows)
+    for fmt in ("jsonl", "csv"):
+        assert mem[fmt]["index"] == pytest.approx(8.0, abs=0.01)  # one int64 offset a row
+        # resident bytes a row, reads included: a list of parsed rows would cost hundreds
+        assert mem[fmt]["after_reads"] < 64, mem

@@ -1,0 +1,60 @@
+"""Decoding a row's media: image files (PNG, JPEG, anything Pillow reads) to the grayscale
+arrays the image encoder takes, audio files (WAV, FLAC, anything libsndfile reads) to mono
+clips at the model's sample rate.
+
+A field's value is a path (relative to the row's manifest), the file's bytes (a WebDataset
+member), or a Hugging Face Image/Audio feature's stored {"bytes", "path"}.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional as AF
+from PIL import Image, UnidentifiedImageError
+
+from pathways_mm.data.sources.base import BadSample, Row
+from pathways_mm.encoders.audio import Audio
+
+
+def _file(row: Row, field: str, what: str) -> tuple[Any, str]:
+    """(a path or a binary stream, how to name it in a message) for a media field."""
+    value = row.fields[field]
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a Hugging Face Image/Audio feature
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return io.BytesIO(value), f"{row.where} field {field!r}"
+    if isinstance(value, str) and value:
+        path = Path(value) if Path(value).is_absolute() else row.base / value
+        if not path.is_file():
+            raise BadSample(f"{row.where}: {what} file not found: {path}")
+        return path, str(path)
+    raise BadSample(f"{row.where}: field {field!r} holds {type(value).__name__}; expected a path to a {what} file")
+
+
+def decode_image(row: Row, field: str) -> np.ndarray:
+    """uint8 [H, W] grayscale (colour is converted with Pillow's luminance weights)."""
+    src, name = _file(row, field, "image")
+    try:
+        with Image.open(src) as img:
+            return np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
+
+
+def decode_audio(row: Row, field: str, sample_rate: int) -> Audio:
+    """Mono float32 samples at `sample_rate` (channels averaged, resampled if the file's rate differs)."""
+    src, name = _file(row, field, "audio")
+    try:
+        samples, rate = soundfile.read(src, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
+        raise BadSample(f"{name}: not an audio file libsndfile can read, e.g. WAV or FLAC ({e})") from None
+    mono = samples.mean(axis=1)
+    if rate != sample_rate:
+        mono = AF.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
+    return Audio(np.clip(mono, -1.0, 1.0).astype(np.float32), sample_rate)

@@ -1,0 +1,53 @@
+"""Bad samples a run skipped (`data.on_bad_sample: skip`): counted per task, logged to
+metrics.jsonl, and the run stopped once too many of the samples read were bad."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pathways_mm import dist
+from pathways_mm.config import DataConfig
+from pathways_mm.data.taskset import LoadedBatch
+from pathways_mm.errors import ConfigError
+
+SHOWN = 5  # bad samples named on stderr (each rank's own); the counts cover all
+
+
+class BadSamples:
+    """Samples read and skipped on this rank since the last log step, and over every rank since the run (re)started."""
+
+    def __init__(self, cfg: DataConfig, tasks: list[str], say: Callable[[str], None]):
+        self.cfg, self.tasks, self.say = cfg, tasks, say
+        self.window = torch.zeros(1 + len(tasks), dtype=torch.float64)  # read, bad per task
+        self.read_total = 0
+        self.bad_total = 0
+        self.shown = 0
+
+    def add(self, loaded: LoadedBatch) -> None:
+        """Count a micro-batch's samples; its error (on_bad_sample: error) stops the run."""
+        if loaded.error is not None:
+            raise ConfigError(f"{loaded.error} (data.on_bad_sample: skip would leave it out)")
+        self.window[0] += loaded.num_read
+        for t, msg in loaded.bad:
+            self.window[1 + t] += 1
+            if self.shown < SHOWN:
+                self.shown += 1
+                self.say(f"skipped a bad sample of {self.tasks[t]}: {msg}")
+
+    def reduce(self, device: torch.device) -> dict[str, Any]:
+        """Every rank's counts since the last call, for metrics.jsonl; ConfigError past data.max_bad_fraction."""
+        window = dist.all_reduce_(self.window.to(device, copy=True)).cpu()
+        self.window.zero_()
+        self.read_total += int(window[0])
+        self.bad_total += int(window[1:].sum())
+        fraction = self.bad_total / max(1, self.read_total)
+        if fraction > self.cfg.max_bad_fraction:
+            raise ConfigError(
+                f"{self.bad_total} of the {self.read_total} samples read were bad ({fraction:.2%}), more than "
+                f"data.max_bad_fraction={self.cfg.max_bad_fraction}; list them with `pathways-mm data check CONFIG`"
+            )
+        per_task = {t: int(n) for t, n in zip(self.tasks, window[1:].tolist()) if n}
+        return {"bad_samples": per_task, "bad_total": self.bad_total, "read_total": self.read_total}

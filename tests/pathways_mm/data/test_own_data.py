@@ -1,0 +1,169 @@
+"""Training on declared tasks through the CLI, as a user would: every command takes them, a kill
+and --resume with background workers repeat an uninterrupted run, and bad data is named,
+skipped and counted, or stops the run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from tests.helpers import deepspeed_launch, read_metrics, run_cli, sets
+
+QUICK = sets("train.micro_batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.max_samples=4")
+MOE = sets("model.moe.num_experts=4", "model.moe.top_k=2")
+SEEN_WORD = """\
+  seen_word:
+    inputs: {image: image}
+    prompt: say it
+    target: word
+    splits: {train: {path: train.jsonl}, test: {path: test.jsonl}}
+"""
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def ok(res):
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_every_command_takes_declared_tasks(examples, data_dir, tmp_path):
+    cfg = examples / "experiment.yaml"
+    run = tmp_path / "run"
+    res = ok(
+        run_cli(
+            ["train", cfg, *QUICK, *MOE, *sets("train.steps=4", "data.num_workers=2", f"train.out_dir={run}")], data_dir
+        )
+    )
+    passes = re.search(r"passes over each task's training data.*?: (.*)", res.stderr).group(1)
+    per_task = {t: float(p) for t, p in (item.split() for item in passes.split(", "))}
+    assert sum(per_task.values()) * 12 == pytest.approx(4 * 8, abs=0.1)  # 4 steps of 8 draws over 12-row tasks
+    ok(
+        run_cli(
+            ["eval", run, "--max-samples", "4", "--out", tmp_path / "ev.json", "--routes", tmp_path / "r.json"],
+            data_dir,
+        )
+    )
+    report = json.loads((tmp_path / "ev.json").read_text())
+    assert set(report["tasks"]) == {"seen_digit", "heard_digit", "same_digit", "hf_digit", "parquet_sum"}
+    assert all(t["n"] == 4 for t in report["tasks"].values())
+    ok(run_cli(["routes", tmp_path / "r.json", "--out", tmp_path / "routes"], data_dir))
+    assert (tmp_path / "routes" / "routes.html").is_file()
+    ok(
+        run_cli(
+            ["export", "--from", run, "--task", "heard_digit", "--out", tmp_path / "export", "--max-samples", "4"],
+            data_dir,
+        )
+    )
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["dropped_encoders"] == ["vision"]
+    # a new declared task, from a config next to the data: add-task reads it from --config
+    new = examples / "add.yaml"
+    new.write_text((examples / "experiment.yaml").read_text().replace("declare:\n", "declare:\n" + SEEN_WORD, 1))
+    args = ["add-task", "--from", run, "--task", "seen_word", "--steps", "2", "--config", new]
+    ok(run_cli([*args, "--out-dir", tmp_path / "added", *MOE, *QUICK], data_dir))
+    added = json.loads((tmp_path / "added" / "add_task_report.json").read_text())
+    assert added["old_outputs_bit_identical"] is True and added["new_task"]["n"] == 4
+    res = ok(run_cli(["tasks", "--config", cfg], data_dir))
+    assert f"declared in {cfg.resolve()} (parquet " in res.stdout
+
+
+@pytest.mark.slow
+def test_baseline_of_a_declared_task(examples, data_dir, tmp_path):
+    res = ok(
+        run_cli(
+            [
+                "baseline",
+                examples / "experiment.yaml",
+                "--task",
+                "hf_digit",
+                "--out-dir",
+                tmp_path,
+                *QUICK,
+                *sets("train.steps=3"),
+            ],
+            data_dir,
+        )
+    )
+    assert "hf_digit" in res.stdout
+
+
+@pytest.mark.slow
+def test_kill_then_resume_with_workers_matches_an_uninterrupted_run(examples, data_dir, tmp_path):
+    common = [examples / "experiment.yaml", *QUICK, *sets("train.steps=6", "train.save_every=2")]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ok(run_cli(["train", *common, *sets(f"train.out_dir={full}", "data.num_workers=0")], data_dir))
+    res = run_cli(
+        ["train", *common, *sets(f"train.out_dir={killed}", "data.num_workers=2")],
+        data_dir,
+        env_extra={"PMM_FAULT": "kill:step=3"},
+    )
+    assert res.returncode != 0 and (killed / "checkpoints" / "latest").read_text() == "step_0000002"
+    res = ok(run_cli(["train", *common, *sets(f"train.out_dir={killed}", "data.num_workers=2"), "--resume"], data_dir))
+    assert "steps 2->6" in res.stderr
+    a, b = losses(full), losses(killed)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(3, 7):  # the same batches from two workers as from none: the same losses
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
+    assert len(set(a.values())) > 3
+
+
+@pytest.fixture
+def broken(examples, tmp_path):
+    """The example folder whose train.jsonl has a malformed line (3) and a missing image (6) of 12 rows."""
+    out = tmp_path / "ex"
+    shutil.copytree(examples, out)
+    lines = (out / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-1]
+    lines[5] = lines[5].replace("images/", "images/missing-")
+    (out / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.mark.slow
+def test_bad_data_is_named_skipped_and_counted(broken, data_dir, tmp_path):
+    cfg = broken / "experiment.yaml"
+    base = [cfg, *QUICK, *sets("tasks=[seen_digit, heard_digit]", "train.steps=3", "data.num_workers=1")]
+    res = run_cli(["data", "check", cfg, "--workers", "1"], data_dir)
+    assert res.returncode == 2 and "2 bad samples" in res.stderr
+    assert "train.jsonl line 3: malformed JSON line" in res.stdout and "missing-" in res.stdout
+    res = run_cli(["train", *base, *sets(f"train.out_dir={tmp_path / 'stop'}")], data_dir)
+    assert res.returncode == 2 and "pathways-mm: error:" in res.stderr
+    assert "train.jsonl line 3: malformed JSON line" in res.stderr or "image file not found" in res.stderr
+    run = tmp_path / "skip"
+    ok(
+        run_cli(
+            ["train", *base, *sets(f"train.out_dir={run}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.5")],
+            data_dir,
+        )
+    )
+    records = [r for r in read_metrics(run) if "bad_total" in r]
+    assert records[-1]["read_total"] == 3 * 8 and records[-1]["bad_total"] >= 1
+    assert set().union(*(r["bad_samples"] for r in records)) == {"seen_digit"}
+    res = run_cli(
+        [
+            "train",
+            *base,
+            *sets(f"train.out_dir={tmp_path / 'strict'}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.01"),
+        ],
+        data_dir,
+    )
+    assert res.returncode == 2 and "more than data.max_bad_fraction=0.01" in res.stderr
+
+
+@pytest.mark.distributed
+def test_two_processes_with_workers_count_bad_samples_over_both_ranks(broken, data_dir, tmp_path):
+    out = tmp_path / "dp"
+    args = [broken / "experiment.yaml", *QUICK, *sets("train.steps=4", f"train.out_dir={out}", "data.num_workers=1")]
+    res = deepspeed_launch(2, ["train", *args, *sets("data.on_bad_sample=skip", "data.max_bad_fraction=0.5")], data_dir)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = read_metrics(out)
+    counted = [r for r in records if "read_total" in r]
+    assert counted[-1]["read_total"] == 4 * 8 * 2  # every rank's samples, summed
+    assert counted[-1]["bad_total"] >= 1 and records[-1]["weights_in_sync"] is True
+    assert all(t["n"] == 4 for t in records[-1]["eval"].values())  # both ranks' shards of each declared task
