@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,42 @@ def weights_in_sync(engine, world: int) -> bool | None:
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
+
+
+def plain_optimizer(engine) -> torch.optim.Optimizer | None:
+    """The engine's torch optimizer when it holds the model's own parameters (fp32, ZeRO stage 0);
+    None when DeepSpeed wraps it (bf16/fp16 master copies, ZeRO partitions)."""
+    opt = engine.optimizer
+    if not isinstance(opt, torch.optim.Optimizer) or type(opt).__module__.split(".")[0] != "torch":
+        return None
+    return opt
+
+
+def optimizer_state(engine) -> dict[str, dict[str, Any]] | None:
+    """The optimizer's per-parameter state (Adam moments, step) by parameter name; None if wrapped."""
+    opt = plain_optimizer(engine)
+    if opt is None:
+        return None
+    return {name: dict(opt.state[p]) for name, p in engine.module.named_parameters() if p in opt.state}
+
+
+def set_optimizer_state(engine, states: dict[str, dict[str, Any]]) -> bool:
+    """Give named parameters optimizer state (tensors moved to the parameter's device); False if
+    the optimizer is wrapped and nothing was set."""
+    opt = plain_optimizer(engine)
+    if opt is None:
+        return False
+    for name, p in engine.module.named_parameters():
+        if name in states:
+            opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in states[name].items()}
+    return True
+
+
+def continue_schedule(src, dst) -> None:
+    """`dst` where `src` stands: the LR schedule's position (with each group's learning rate) and
+    the step counters DeepSpeed checkpoints (global steps and samples, skipped steps)."""
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose, no step is taken
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(src.lr_scheduler.last_epoch - dst.lr_scheduler.last_epoch):
+            dst.lr_scheduler.step()
+    dst.global_steps, dst.global_samples, dst.skipped_steps = src.global_steps, src.global_samples, src.skipped_steps
