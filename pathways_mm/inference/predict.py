@@ -7,9 +7,10 @@
 An input line is a JSON object: "task" (or --task for all lines), "image" and/or "audio" (file
 paths, relative to the input file's folder) and/or "text", and optionally "key" (default: its
 line number); other fields are ignored. Each output line holds the key, the task, the output
-text and the answer the metrics would score (`Task.final_answer`), in input order. Every line is
-checked before the model runs; a bad one (unknown task, an input its task does not read, a file
-that cannot be read) stops the command with one line naming it, and writes nothing.
+text and the answer the metrics would score (`Task.final_answer`), in input order. Every line's
+task, inputs and files are checked before the model runs; a bad line (unknown task, an input its
+task does not read, a missing file, or later a file that turns out unreadable) stops the command
+with one line naming it, and nothing is written.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def _check(model: TrainedModel, task: str, inputs: dict[str, Any], where: str | 
     try:
         t = model.task(task)
         check_inputs(t.name, t.modalities, [m for m, v in inputs.items() if v is not None])
+        for m in ("image", "audio"):
+            if isinstance(inputs.get(m), str) and not Path(inputs[m]).is_file():
+                raise ConfigError(f"cannot read {m} {inputs[m]}: no such file")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
