@@ -6,7 +6,7 @@ PMM    := $(VENV)/bin/pathways-mm
 STAMP  := $(VENV)/.installed
 DEMO   ?= configs/experiments/demo.yaml
 
-.PHONY: all install demo lint format test test-fast tokenizer clean
+.PHONY: all install demo lint format test test-fast tokenizer gpu-check clean
 
 all: test
 
@@ -40,6 +40,19 @@ test: lint
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not distributed and not slow"
+
+# Every GPU figure in one run of minutes (docs/gpu.md); without CUDA a dry run on tiny configs.
+# WHEELS=DIR: an offline GPU machine's $(PYTHON) instead of the virtualenv, DeepSpeed and the data
+# packages installed from the wheels in DIR. Results: $(GPU_CHECK_OUT)/gpu_check.{md,json,log}.
+WHEELS ?=
+GPU_CHECK_OUT ?= runs/gpu_check
+ifeq ($(WHEELS),)
+gpu-check: $(STAMP)
+	$(PMM) bench gpu-check --out $(GPU_CHECK_OUT)
+else
+gpu-check:
+	PYTHON=$(PYTHON) sh scripts/gpu_check_offline.sh $(WHEELS) $(GPU_CHECK_OUT)
+endif
 
 tokenizer: $(STAMP)
 	$(PY) -m pathways_mm.encoders.build_tokenizer

@@ -146,6 +146,17 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return run_guarded(go)
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from pathways_mm.studies.ablate import run_ablation
+
+    def go() -> None:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out_dir) if args.out_dir else Path("runs") / f"ablate-{cfg.name}"
+        run_ablation(cfg, args.seeds, out, tuple(args.variant), say=lambda s: print(s, file=sys.stderr))
+
+    return run_guarded(go)
+
+
 def cmd_routes(args: argparse.Namespace) -> int:
     from pathways_mm.viz.draw import draw
 
@@ -174,7 +185,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
     from pathways_mm.bench.moe import run_moe
 
     opts = _pick(args, "tokens", "dtype", "iters", "warmup", "capacity", "device", "threads", "stock_topk")
-    return run_guarded(lambda: run_moe(args.config, **opts))
+    return run_guarded(lambda: run_moe(args.config, json_out=args.json, **opts))
 
 
 def cmd_bench_telemetry(args: argparse.Namespace) -> int:
@@ -188,7 +199,48 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from pathways_mm.bench.train import run_train
 
     opts = _pick(args, "iters", "warmup", "batch", "seq_len", "dense", "threads")
-    return in_process_group(lambda: run_train(args.config, peak_tflops_override=args.peak_tflops, **opts))
+    return in_process_group(
+        lambda: run_train(args.config, peak_tflops_override=args.peak_tflops, json_out=args.json, **opts)
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pathways_mm import plan
+
+    def go() -> None:
+        dims = _pick(args, "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab", "top_k", "expert_d_ff")
+        shape = plan.model_shape(args.size, **dims, num_experts=args.experts, moe_every=args.moe_every)
+        common = _pick(args, "seq_len", "precision", "context_gib", "fragmentation")
+        common.update(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, prefix_lm=not args.no_prefix_lm)
+        if args.search:
+            sizes = [m for m in plan.DEFAULT_MICRO_BATCHES if args.max_micro_batch is None or m <= args.max_micro_batch]
+            found = plan.search(shape, micro_batches=sizes, **common)
+            print(plan.format_search(found, limit=args.limit))
+            if found:
+                print(f"\nbest layout:\n{plan.format_plan(found[0])}")
+            return
+        layout = _pick(args, "ep_size", "zero_stage", "micro_batch", "checkpointing")
+        print(plan.format_plan(plan.plan(shape, **layout, **common)))
+
+    return run_guarded(go)
+
+
+def cmd_bench_gpu_check(args: argparse.Namespace) -> int:
+    from pathways_mm.bench.gpu_check import failed_parts, run_gpu_check
+
+    failed: list[str] = []
+
+    def go() -> None:
+        opts = _pick(args, "budget_s", "demo_config")
+        parts = tuple(args.parts.split(","))
+        failed.extend(failed_parts(run_gpu_check(args.out, dry_run=args.dry_run or None, parts=parts, **opts)))
+
+    rc = run_guarded(go)
+    if failed:
+        print(
+            f"pathways-mm: gpu-check: {', '.join(failed)} did not finish; see {args.out}/gpu_check.log", file=sys.stderr
+        )
+    return rc or int(bool(failed))
 
 
 def _add_set(p: argparse.ArgumentParser, what: str = "a config value") -> None:
@@ -318,6 +370,16 @@ def _add_continual(sub) -> None:
     c.set_defaults(func=cmd_continual)
 
 
+def _add_ablate(sub) -> None:
+    a = sub.add_parser("ablate", help="what multi-task training, sparsity and task-specific pathways each buy")
+    a.add_argument("config", help="experiment YAML, e.g. configs/experiments/demo.yaml (its routing is the new one)")
+    a.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    a.add_argument("--variant", action="append", default=[], metavar="NAME", help="only this variant (repeatable)")
+    a.add_argument("--out-dir", help="results folder (default: runs/ablate-NAME); rerun to continue")
+    _add_set(a)
+    a.set_defaults(func=cmd_ablate)
+
+
 def _add_routes_and_tasks(sub) -> None:
     r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathways, reuse, routes.html")
     r.add_argument("routes", help="routes JSON from `pathways-mm eval RUN --routes OUT.json`")
@@ -342,6 +404,7 @@ def _add_bench(sub) -> None:
     m.add_argument("--device", help="default: cuda if available, else cpu")
     m.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     m.add_argument("--stock-topk", action="store_true", help="also time DeepSpeed's stock gate for top_k > 2")
+    m.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
     m.set_defaults(func=cmd_bench_moe)
     t = kinds.add_parser("train", help="full training steps of a pathways-mm model: tokens/s, MFU, peak memory")
     t.add_argument("--config", choices=["cpu", "1b"], default="cpu", help="model and batch (1b: one GPU)")
@@ -352,13 +415,50 @@ def _add_bench(sub) -> None:
     t.add_argument("--dense", action="store_true", help="also time the FLOP-matched dense model")
     t.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by GPU name)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
+    t.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
     t.set_defaults(func=cmd_bench_train)
+    g = kinds.add_parser("gpu-check", help="every GPU figure in one run of minutes (a dry run without CUDA)")
+    g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json, .md and .log")
+    g.add_argument("--dry-run", action="store_true", help="tiny configs even on a GPU (default: only without CUDA)")
+    g.add_argument("--budget-s", type=float, help="the check ends within this many seconds (default: 450 on a GPU)")
+    g.add_argument("--parts", default="pytest,moe,train,demo", help="comma-separated subset (a rerun of what failed)")
+    g.add_argument("--demo-config", default="configs/experiments/demo.yaml", help="experiment of the training run")
+    g.set_defaults(func=cmd_bench_gpu_check)
     y = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
     y.add_argument("--config", choices=["cpu", "gpu"], default="cpu", help="model and batch size")
     y.add_argument("--iters", type=int, default=30, help="timed steps per mode")
     y.add_argument("--warmup", type=int, default=3)
     y.add_argument("--threads", type=int, default=0, help="CPU threads (0 = one process's share of the cores)")
     y.set_defaults(func=cmd_bench_telemetry)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory and all-to-all bytes of a training layout, on paper")
+    m = p.add_argument_group("model (a named size, any dimension overriding it, or every dimension)")
+    m.add_argument("--size", help="debug, tiny, small, base or 1b")
+    for flag in ("--d-model", "--n-layers", "--n-heads", "--n-kv-heads", "--d-ff"):
+        m.add_argument(flag, type=int)
+    m.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default: this repository's tokenizer)")
+    m.add_argument("--experts", type=int, default=0, help="experts per MoE layer (0 = dense)")
+    m.add_argument("--top-k", type=int, default=2)
+    m.add_argument("--expert-d-ff", type=int, help="hidden size of one expert (default: d_ff)")
+    m.add_argument("--moe-every", type=int, default=2, help="every N-th block's FFN is an MoE layer")
+    g = p.add_argument_group("machines and layout")
+    g.add_argument("--gpus", type=int, required=True)
+    g.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB")
+    g.add_argument("--ep-size", type=int, default=1, help="experts split over this many GPUs")
+    g.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage 0, 1 or 2")
+    g.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    g.add_argument("--no-prefix-lm", action="store_true", help="causal mask only (no [B, 1, L, L] prefix bias)")
+    g.add_argument("--context-gib", type=float, default=1.0, help="CUDA context, NCCL and workspaces per GPU")
+    g.add_argument("--fragmentation", type=float, default=0.10, help="allocator overhead, a share of the rest")
+    p.add_argument("--search", action="store_true", help="list the layouts that fit (ep_size, ZeRO, micro-batch)")
+    p.add_argument("--limit", type=int, default=20, help="rows of --search")
+    p.add_argument("--max-micro-batch", type=int, help="--search: largest micro-batch tried (default: 32)")
+    p.set_defaults(func=cmd_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_predict,
         _add_upcycle,
         _add_continual,
+        _add_ablate,
         _add_routes_and_tasks,
         _add_bench,
+        _add_plan,
     ):
         add(sub)
     return p

@@ -35,7 +35,16 @@ class MoEConfig:
     eval_capacity_factor: float | None = None  # null = same as capacity_factor
     impl: str = "grouped"  # "grouped" (dropless, grouped GEMM) or "deepspeed"
     ep_size: int = 1
+    # Load balance: "per_task" spreads every task over all experts (a Switch loss per task, averaged),
+    # which works against task-specific pathways; "global" balances the experts over all tokens
+    # and lets each task concentrate (pair it with mi_coef).
+    balance: str = "per_task"
     balance_coef: float = 0.01
+    # Mod-Squad's mutual-information loss, -I(task; expert) of each batch's router probabilities:
+    # balanced experts overall, few experts per task. 0 = off.
+    mi_coef: float = 0.0
+    # False: plain token routing, the learned per-task prior left out of the router's logits.
+    task_prior: bool = True
     z_loss_coef: float = 0.001
     router_jitter: float = 0.0
     debug_route_to: int | None = None  # _debug_: send every token to this expert (tests)
@@ -44,6 +53,15 @@ class MoEConfig:
     # The router scores each block with its own matmul, so growing a layer leaves the old
     # experts' logits bit-identical.
     expert_groups: dict[str, int] = field(default_factory=dict)
+    # Hard pathways late in training: over the `mask_window` training forwards (micro-batches)
+    # that end with forward `mask_step`, count each task's routes, then allow each task only the
+    # fewest experts that carried `mask_mass` of them (at least top_k, at most mask_max_experts;
+    # null = num_experts // 2). The forwards after mask_step train inside the masks, and an
+    # exported task keeps only its allowed experts. mask_mass 0 = off.
+    mask_mass: float = 0.0
+    mask_step: int = 0
+    mask_window: int = 100
+    mask_max_experts: int | None = None
 
 
 # How a layer runs or trains, not what a trained layer computes: a checkpoint loads whatever
@@ -55,8 +73,13 @@ MOE_RUNTIME_KEYS = (
     "ep_size",
     "debug_route_to",
     "router_jitter",
+    "balance",
     "balance_coef",
+    "mi_coef",
     "z_loss_coef",
+    "mask_step",
+    "mask_window",
+    "mask_max_experts",
 )
 
 
@@ -167,7 +190,8 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     # "example": every sample weighs the same, whatever its target length, so the mixture alone
-    # sets a task's weight (a 3-token answer is not drowned by 90-token LM chunks); "token": T5-style.
+    # sets a task's weight (a 3-token answer is not drowned by 90-token LM chunks); "token": T5-style;
+    # "sqrt": a sample weighs sqrt(its target tokens), between the two.
     loss_norm: str = "example"
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -421,10 +445,32 @@ def _validate_moe(e: MoEConfig) -> None:
         raise ConfigError("model.moe.expert_d_ff must be >= 1 (or null for model.d_ff)")
     if e.moe_every < 1:
         raise ConfigError("model.moe.moe_every must be >= 1")
+    if e.balance not in ("per_task", "global"):
+        raise ConfigError(f"model.moe.balance: {e.balance!r} is not 'per_task' or 'global'")
+    if e.balance_coef < 0 or e.mi_coef < 0 or e.z_loss_coef < 0:
+        raise ConfigError("model.moe.balance_coef, mi_coef and z_loss_coef must be >= 0")
+    _validate_masks(e)
     if e.expert_groups and (sum(e.expert_groups.values()) != e.num_experts or min(e.expert_groups.values()) < 1):
         raise ConfigError(
             f"model.moe.expert_groups {e.expert_groups} must be positive counts summing to num_experts "
             f"({e.num_experts}); leave it empty for one block"
+        )
+
+
+def _validate_masks(e: MoEConfig) -> None:
+    if not 0 <= e.mask_mass <= 1:
+        raise ConfigError(f"model.moe.mask_mass must be within [0, 1] (0 = off), got {e.mask_mass}")
+    if e.mask_mass == 0:
+        return
+    if not 1 <= e.mask_window <= e.mask_step:
+        raise ConfigError(
+            f"model.moe.mask_window ({e.mask_window}) must be between 1 and model.moe.mask_step ({e.mask_step}): "
+            "the training forwards whose routes decide each task's experts"
+        )
+    most = e.num_experts // 2 if e.mask_max_experts is None else e.mask_max_experts
+    if not e.top_k <= most <= e.num_experts:
+        raise ConfigError(
+            f"model.moe.mask_max_experts ({most}) must be between top_k ({e.top_k}) and num_experts ({e.num_experts})"
         )
 
 
@@ -453,8 +499,8 @@ def _validate_tasks(cfg: ExperimentConfig) -> None:
 
 def _validate_train(cfg: ExperimentConfig) -> None:
     t = cfg.train
-    if t.loss_norm not in ("example", "token"):
-        raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example' or 'token'")
+    if t.loss_norm not in ("example", "token", "sqrt"):
+        raise ConfigError(f"train.loss_norm: {t.loss_norm!r} is not 'example', 'token' or 'sqrt'")
     for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "max_bad_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
@@ -483,21 +529,18 @@ def _validate_train(cfg: ExperimentConfig) -> None:
         )
 
 
-def model_differences(stored: dict[str, Any], model: ModelConfig, *, same_ep_size: bool = False) -> list[str]:
+def model_differences(stored: dict[str, Any], model: ModelConfig) -> list[str]:
     """The keys in which a stored model config (a checkpoint's) and `model` compute different things.
 
     The one rule for "same model" (resume, eval, export, add-task): every model key must match
     except how MoE layers run or train (RUNTIME_KEYS), since weights are stored per expert. A key
-    the stored config lacks (an older pathways-mm) holds its default there. `same_ep_size`: a
-    resume also needs the same ep_size (the optimizer state is split by expert-parallel rank).
+    the stored config lacks (an older pathways-mm) holds its default there.
     """
     new = to_dict(model)
     old = {**to_dict(ModelConfig(size=new["size"])), **stored}
     old_moe = {**to_dict(MoEConfig()), **(stored.get("moe") if isinstance(stored.get("moe"), dict) else {})}
     diff = [f"model.{k}" for k in new if k != "moe" and old.get(k) != new[k]]
     diff += [f"model.moe.{k}" for k in new["moe"] if k not in MOE_RUNTIME_KEYS and old_moe.get(k) != new["moe"][k]]
-    if same_ep_size and old_moe.get("ep_size") != new["moe"]["ep_size"]:
-        diff.append("model.moe.ep_size")
     return sorted(diff)
 
 

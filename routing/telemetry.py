@@ -117,7 +117,7 @@ def record(
     valid_T = (modality_T >= 0).long()
     cell_T = task_T * NUM_MODALITIES + modality_T.clamp(min=0)  # (task, modality) row
     flat_N = (cell_T[:, None] * E + indices_TK).reshape(-1)
-    valid_N = valid_T.repeat_interleave(k)
+    valid_N = valid_T[:, None].expand(-1, k).reshape(-1)  # not repeat_interleave: no doubt about a host sync
     layer.route_counts[0].view(-1).index_add_(0, flat_N, valid_N)
     if dropped_TK is not None:
         layer.route_counts[1].view(-1).index_add_(0, flat_N, valid_N * dropped_TK.reshape(-1).long())

@@ -30,7 +30,7 @@ LEAVES = {
     "pathways_mm.metrics",
     "pathways_mm.routes_file",
 }
-TOOLS = ("continual", "inference", "viz", "bench")  # never import each other
+TOOLS = ("continual", "inference", "viz", "bench", "plan")  # never import each other
 # What the lower layers may import from pathways_mm (besides the standard library and third parties).
 ALLOWED = {
     "leaves": ("LEAVES", "pathways_mm.tasks.base"),

@@ -13,10 +13,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from pathways_mm.io import atomic_write_text
 from pathways_mm.model.batch import IGNORE, PAD_MODALITY, TEXT, Batch
 
 
@@ -97,6 +99,11 @@ def ds_config_file(extra: dict[str, Any] | None = None) -> Iterator[str]:
         yield f.name
     finally:
         os.unlink(f.name)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """A benchmark's figures for later reading (`--json FILE`; `bench gpu-check` collects them)."""
+    atomic_write_text(Path(path), json.dumps(payload, indent=1))
 
 
 def where(device: torch.device) -> str:

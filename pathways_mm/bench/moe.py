@@ -1,7 +1,9 @@
 """`pathways-mm bench moe`: one MoE FFN layer, forward+backward, against a FLOP-matched dense SwiGLU.
 
 Rows: dense SwiGLU (hidden = top_k * d_ff), PathwaysMoE impl=grouped (dropless, grouped GEMM),
-PathwaysMoE impl=deepspeed (capacity buffers), and DeepSpeed's stock `MoE` layer for reference.
+PathwaysMoE impl=deepspeed (capacity buffers), DeepSpeed's stock `MoE` layer, and on CUDA sm90+
+in bf16 a plain sort + torch._grouped_mm layer (`SortGroupedMM`: no tasks, no telemetry), the
+floor what PathwaysMoE adds sits on.
 Ratio = dense ms / row ms (1.00 = as fast as dense). Memory: the bytes autograd saves for
 backward per token (parameters excluded, storages counted once) and, on CUDA, the peak allocated
 during forward+backward above what was allocated before; "vs dense" = row / dense.
@@ -15,11 +17,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
+from torch import nn
 
-from pathways_mm.bench.common import median_ms, time_round_robin, where
+from pathways_mm.bench.common import median_ms, time_round_robin, where, write_json
 from pathways_mm.model.layers import SwiGLU
 from pathways_mm.routing import PathwaysMoE
+from pathways_mm.routing.experts import StackedLinear, grouped_mm_supported
 
 CONFIGS = {
     # name: (d_model, d_ff per expert, experts, top_k, tokens, dtype)
@@ -28,6 +33,9 @@ CONFIGS = {
     "h200-b": (2048, 5632, 16, 2, 16384, "bfloat16"),
     "h200-c": (2048, 1408, 64, 6, 16384, "bfloat16"),
 }
+
+
+REFERENCE = "sort + torch._grouped_mm (reference)"
 
 
 class Row(NamedTuple):
@@ -80,6 +88,41 @@ def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int | Non
     return torch.cuda.max_memory_allocated(device) - start
 
 
+class SortGroupedMM(nn.Module):
+    """The reference MoE FFN: softmax top-k router, sort routes by expert, SwiGLU experts through
+    torch._grouped_mm, weighted sum back in token order. CUDA sm90+ in bf16 only.
+
+    Shape suffixes: T tokens, D d_model, E experts, K routes per token, N routes (T*K).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.w1 = StackedLinear(num_experts, d_model, d_ff)
+        self.w3 = StackedLinear(num_experts, d_model, d_ff)
+        self.w2 = StackedLinear(num_experts, d_ff, d_model)
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
+        weights_TK, expert_TK = self.gate(x_TD).float().softmax(-1).topk(self.top_k, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        expert_N = expert_TK.reshape(-1)
+        order_N = expert_N.argsort(stable=True)
+        counts_E = torch.zeros(self.w1.weight.shape[0], dtype=torch.long, device=x_TD.device)
+        offs_E = counts_E.index_add_(0, expert_N, torch.ones_like(expert_N)).cumsum(0).to(torch.int32)
+
+        def mm(x, lin):
+            return torch._grouped_mm(x, lin.weight.transpose(-2, -1), offs=offs_E)
+
+        x_ND = x_TD.index_select(0, order_N // self.top_k)
+        y_ND = mm(F.silu(mm(x_ND, self.w1)) * mm(x_ND, self.w3), self.w2)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=x_TD.device)
+        y_NKD = (y_ND.index_select(0, inverse_N) * weights_TK.reshape(-1, 1).to(y_ND.dtype)).view(*expert_TK.shape, -1)
+        return y_NKD.sum(1).view_as(x_BLD)
+
+
 def _layers(d_model, d_ff, num_experts, top_k, capacity):
     def ours(impl):
         return PathwaysMoE(
@@ -112,6 +155,7 @@ def _layers(d_model, d_ff, num_experts, top_k, capacity):
         ("PathwaysMoE grouped (dropless)", ours("grouped"), moe_call),
         (f"PathwaysMoE deepspeed (cap {capacity})", ours("deepspeed"), moe_call),
         (f"DeepSpeed MoE stock (cap {capacity})", stock, stock_call),
+        (REFERENCE, SortGroupedMM(d_model, d_ff, num_experts, top_k), lambda layer, x: layer(x)),
     ]
 
 
@@ -136,8 +180,10 @@ def run_moe(
     device: str | None = None,
     threads: int = 0,
     stock_topk: bool = False,
+    json_out: str | None = None,
 ) -> list[Row]:
-    """Time every row of one layer config in the same run; print the speed and memory tables."""
+    """Time every row of one layer config in the same run; print the speed and memory tables
+    (and with `json_out`, write the rows there)."""
     d_model, d_ff, num_experts, top_k, default_tokens, default_dtype = CONFIGS[config]
     tokens = tokens or default_tokens
     dtype = getattr(torch, dtype or default_dtype)
@@ -147,10 +193,14 @@ def run_moe(
     torch.manual_seed(0)
     x_BLD = torch.randn(1, tokens, d_model, device=device, dtype=dtype)
     grad_BLD = torch.randn_like(x_BLD)
-    names, steps, mem = [], [], []
+    names, steps, mem, skipped = [], [], [], []
     for name, layer, call in _layers(d_model, d_ff, num_experts, top_k, capacity):
         if "stock" in name and top_k > 2 and not stock_topk:
-            continue  # DeepSpeed's top-k gate (k > 2) builds dense [tokens, experts, capacity] masks
+            skipped.append(f"{name}: DeepSpeed's top-k gate (k > 2) builds dense [tokens, experts, capacity] masks")
+            continue
+        if name == REFERENCE and not grouped_mm_supported(x_BLD):
+            skipped.append(f"{name}: torch._grouped_mm needs CUDA sm90+ in bf16")
+            continue
         layer = layer.to(device=device, dtype=dtype)
         names.append(name)
         steps.append(_fwd_bwd(layer, call, x_BLD, grad_BLD))
@@ -167,6 +217,8 @@ def run_moe(
         print(
             f"{r.name:<38} {r.ms:9.2f} {tokens / r.ms * 1e3:12,.0f} {flops / r.ms / 1e9:8.2f} {rows[0].ms / r.ms:8.2f}"
         )
+    for why in skipped:
+        print(f"skipped {why}")
     peak_cols = device.type == "cuda"
     print(f"memory per token: saved for backward{', CUDA peak fwd+bwd' if peak_cols else ''}; vs dense = row / dense")
     head = f"{'layer':<38} {'saved KiB/tok':>13} {'vs dense':>8}"
@@ -176,4 +228,8 @@ def run_moe(
         if peak_cols:
             line += f" {r.peak_bytes / tokens / 1024:12.2f} {r.peak_bytes / rows[0].peak_bytes:8.2f}"
         print(line)
+    if json_out:
+        shape = {"d_model": d_model, "d_ff": d_ff, "num_experts": num_experts, "top_k": top_k, "tokens": tokens}
+        info = {"config": config, **shape, "dtype": str(dtype), "device": where(device), "iters": iters}
+        write_json(json_out, {**info, "flops": flops, "rows": [r._asdict() for r in rows], "skipped": skipped})
     return rows

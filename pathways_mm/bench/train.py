@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from pathways_mm.bench.common import ds_config_file, median_ms, synthetic_batch, time_round_robin, where
+from pathways_mm.bench.common import ds_config_file, median_ms, synthetic_batch, time_round_robin, where, write_json
 from pathways_mm.config import ExperimentConfig, ModelConfig, MoEConfig, TrainConfig
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.runtime import engine as ds_engine
@@ -114,8 +114,10 @@ def run_train(
     dense: bool = False,
     peak_tflops_override: float | None = None,
     threads: int = 0,
+    json_out: str | None = None,
 ) -> list[TrainRow]:
-    """Time full training steps of each row; print the table (and the sparse/dense ratio)."""
+    """Time full training steps of each row; print the table (and the sparse/dense ratio); with
+    `json_out`, write the rows there."""
     size, num_experts, top_k, expert_d_ff, B, L, vocab, dtype = TRAIN_CONFIGS[config]
     B, L = batch or B, seq_len or L
     _, world = ds_engine.init_distributed(threads)
@@ -143,4 +145,7 @@ def run_train(
         )
     if len(rows) == 2:
         print(f"sparse/dense time per step: {rows[1].ms / rows[0].ms:.3f}")
+    if json_out:
+        info = {"config": config, "size": size, "batch": B, "seq_len": L, "vocab": vocab, "dtype": dtype}
+        write_json(json_out, {**info, "device": where(dev), "peak_tflops": peak, "rows": [r._asdict() for r in rows]})
     return rows

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from pathways_mm.config import ExperimentConfig, MoEConfig, data_root, resolve_relative, to_dict, validate
+from pathways_mm.config import ExperimentConfig, data_root, resolve_relative, to_dict, validate
 from pathways_mm.continual import surgery
 from pathways_mm.data.collate import collate
 from pathways_mm.data.datasets import encode, load_split
@@ -35,6 +35,7 @@ from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.routing import moe_layers
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import engine as ds_engine
+from pathways_mm.runtime import reshard
 from pathways_mm.tasks import get_task
 
 PROBES = 8  # evaluation samples per task in the same-function check
@@ -53,8 +54,10 @@ def upcycled_config(
     every = dense.model.moe.moe_every if moe_every is None else moe_every
     if not 1 <= every <= dense.model.n_layers:
         raise ConfigError(f"--moe-every {every}: choose 1..{dense.model.n_layers} (the model's layers)")
-    keep = {k: getattr(dense.model.moe, k) for k in ("impl", "balance_coef", "z_loss_coef", "router_jitter")}
-    moe = MoEConfig(num_experts=num_experts, top_k=top_k, moe_every=every, **keep)
+    # the run's other MoE settings (balance, aux-loss weights, route masks) as its config gives them
+    moe = dataclasses.replace(
+        dense.model.moe, num_experts=num_experts, top_k=top_k, moe_every=every, expert_d_ff=None, expert_groups={}
+    )
     train = dataclasses.replace(dense.train, out_dir=out_dir)
     cfg = dense.replace(name=f"{dense.name}-upcycled", model=dataclasses.replace(dense.model, moe=moe), train=train)
     validate(cfg)
@@ -98,7 +101,10 @@ def run_upcycle(source: str, num_experts: int, top_k: int, out: str, moe_every: 
     model = build_model(cfg.model, tok.vocab_size)
     layers = [name for name, _ in moe_layers(model)]
     dense_state = {k: v.cpu() for k, v in dense_engine.module.state_dict().items()}
-    ckpt.load_weights(model, surgery.upcycle(dense_state, model.state_dict(), layers), tag_dir)
+    state = surgery.upcycle(dense_state, model.state_dict(), layers)
+    for key in [k for k in state if k.endswith(".gate.num_forwards")]:  # route masks count forwards from step 0
+        state[key] = torch.tensor(meta["step"] * dense.train.grad_accum)
+    ckpt.load_weights(model, state, tag_dir)
     engine = ds_engine.initialize(model, cfg, world)
     moments = _upcycled_moments(dense_engine, engine, layers)
     ds_engine.continue_schedule(dense_engine, engine)
@@ -107,7 +113,8 @@ def run_upcycle(source: str, num_experts: int, top_k: int, out: str, moe_every: 
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after) if a.numel())
     step = meta["step"]
     new_meta = ckpt.checkpoint_meta(cfg, table, tok, step) | {
-        "upcycled_from": {"checkpoint": str(tag_dir), "step": step, "num_experts": num_experts, "top_k": top_k}
+        "layout": reshard.layout(engine, world),
+        "upcycled_from": {"checkpoint": str(tag_dir), "step": step, "num_experts": num_experts, "top_k": top_k},
     }
     saved = ckpt.save_checkpoint(engine, out_dir / "checkpoints", step, new_meta, cfg.train.keep_checkpoints)
     write_run_config(cfg, out_dir / "config.yaml")
@@ -127,7 +134,7 @@ def run_upcycle(source: str, num_experts: int, top_k: int, out: str, moe_every: 
     print(
         f"upcycled {tag_dir} (step {step}): {len(layers)} MoE layers of {num_experts} experts, top-{top_k}; "
         f"{total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active); Adam moments "
-        f"{'carried over' if moments else 'fresh (the optimizer is wrapped)'}; "
+        f"{'carried over' if moments else 'fresh (not a plain fp32 ZeRO-0 optimizer)'}; "
         f"max |logit difference| from the dense model {diff:.2g} on {PROBES} samples per task\n"
         f"pathways-mm: wrote {saved}; continue with: pathways-mm train {out_dir / 'config.yaml'} --resume",
         file=sys.stderr,
@@ -137,8 +144,8 @@ def run_upcycle(source: str, num_experts: int, top_k: int, out: str, moe_every: 
 
 def _upcycled_moments(dense_engine, engine, layers: list[str]) -> bool:
     """Adam's state of each dense parameter for its upcycled ones (every expert its FFN's); the
-    routers start without. False if either optimizer is wrapped (then all start fresh)."""
-    states = ds_engine.optimizer_state(dense_engine)
+    routers start without. False if either optimizer is not plain (then all start fresh)."""
+    states = reshard.named_state(dense_engine)
     if states is None:
         return False
     new = {}
@@ -147,7 +154,7 @@ def _upcycled_moments(dense_engine, engine, layers: list[str]) -> bool:
         if src is None or src not in states:
             continue
         new[name] = {k: _widen(v, p) for k, v in states[src].items()}
-    return ds_engine.set_optimizer_state(engine, new)
+    return reshard.set_named_state(engine, new)
 
 
 def _widen(value: Any, p: torch.Tensor) -> Any:

@@ -226,19 +226,19 @@ def checkpoint_meta(cfg: ExperimentConfig, table: dict[str, int], tok: TextToken
 
 
 def check_compatible(
-    meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer, resume: bool = False, where: str = "checkpoint"
+    meta: dict[str, Any], cfg: ExperimentConfig, tok: TextTokenizer, where: str = "checkpoint"
 ) -> None:
     """A checkpoint must match the model, the task table and the tokenizer of this run.
 
-    The model rule is `config.model_differences`; a resume also needs the same ep_size.
-    `where` (the metadata file) starts every error message.
+    The model rule is `config.model_differences` (ep_size may differ: `runtime.reshard` moves the
+    optimizer state, or refuses). `where` (the metadata file) starts every error message.
     """
     if meta.get("tokenizer_hash") != tok.hash:
         raise ConfigError(
             f"{where}: checkpoint tokenizer {meta.get('tokenizer_hash')!r} differs from this install's {tok.hash}; "
             "evaluate or resume with the tokenizer it was trained with"
         )
-    diff = model_differences(meta["config"]["model"], cfg.model, same_ep_size=resume)
+    diff = model_differences(meta["config"]["model"], cfg.model)
     if diff:
         raise ConfigError(f"{where}: checkpoint model differs from the config in {', '.join(diff)}")
     table = {name: i for i, name in enumerate(cfg.tasks)}
@@ -317,14 +317,17 @@ def weights_only_load(path: str, map_location=None):
         raise ConfigError(f"{path}: refused to load ({type(e).__name__}: {reason})") from None
 
 
-def load_checkpoint(engine, tag_dir: Path, with_optimizer: bool = True) -> None:
-    """Load one tag dir into the engine (module, and optimizer/scheduler when resuming)."""
+def load_checkpoint(engine, tag_dir: Path, with_optimizer: bool = True, with_moments: bool = True) -> None:
+    """Load one tag dir into the engine (module, and optimizer/scheduler/step counters when resuming).
+
+    with_moments=False: the optimizer's own state is left for the caller (`runtime.reshard`).
+    """
     compat.use_checkpoint_loader(engine, weights_only_load)
     try:
         load_path, _ = engine.load_checkpoint(
             str(tag_dir.parent),
             tag=tag_dir.name,
-            load_optimizer_states=with_optimizer,
+            load_optimizer_states=with_optimizer and with_moments,
             load_lr_scheduler_states=with_optimizer,
             load_module_only=not with_optimizer,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,17 @@ def default_store():
 def expert_parallel_rank(group_name: str) -> int:
     """This process's rank inside DeepSpeed's expert-parallel group `group_name`."""
     return groups._get_expert_parallel_rank(group_name)
+
+
+def expert_parallel_group_ranks(group_name: str) -> list[int]:
+    """The global ranks of this process's expert-parallel group `group_name`: whom its all-to-alls reach."""
+    return dist.get_process_group_ranks(groups._get_expert_parallel_group(group_name))
+
+
+def optimizer_state_file(tag_dir: Path, expert_parallel_rank: int) -> Path:
+    """Where DeepSpeed's engine saves the optimizer state of one expert-parallel rank of an MoE model
+    (`DeepSpeedEngine._get_optimizer_ckpt_name`, model parallelism off)."""
+    return tag_dir / f"expp_rank_{expert_parallel_rank}_mp_rank_00_optim_states.pt"
 
 
 def use_checkpoint_loader(engine, load: Callable[..., Any]) -> None:

@@ -187,6 +187,16 @@ def initialize(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     return engine
 
 
+def expert_peers(cfg: ExperimentConfig) -> list[int] | None:
+    """The ranks this rank exchanges tokens with (its expert-parallel group); None without expert parallelism.
+
+    DeepSpeed groups consecutive ranks by default; `"use_data_before_expert_parallelism": true` in
+    the DeepSpeed JSON strides them instead (ranks 0 and 2 of four), across machines.
+    """
+    ep = cfg.model.moe.ep_size if cfg.model.moe.num_experts else 1
+    return compat.expert_parallel_group_ranks(f"ep_size_{ep}") if ep > 1 else None
+
+
 def grads_finite(engine, loss: torch.Tensor) -> torch.Tensor:
     """Whether this rank's loss and every gradient are finite: a 0-dim bool tensor on the device.
 
@@ -243,35 +253,6 @@ def weights_in_sync(engine, world: int) -> bool | None:
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
-
-
-def plain_optimizer(engine) -> torch.optim.Optimizer | None:
-    """The engine's torch optimizer when it holds the model's own parameters (fp32, ZeRO stage 0);
-    None when DeepSpeed wraps it (bf16/fp16 master copies, ZeRO partitions)."""
-    opt = engine.optimizer
-    if not isinstance(opt, torch.optim.Optimizer) or type(opt).__module__.split(".")[0] != "torch":
-        return None
-    return opt
-
-
-def optimizer_state(engine) -> dict[str, dict[str, Any]] | None:
-    """The optimizer's per-parameter state (Adam moments, step) by parameter name; None if wrapped."""
-    opt = plain_optimizer(engine)
-    if opt is None:
-        return None
-    return {name: dict(opt.state[p]) for name, p in engine.module.named_parameters() if p in opt.state}
-
-
-def set_optimizer_state(engine, states: dict[str, dict[str, Any]]) -> bool:
-    """Give named parameters optimizer state (tensors moved to the parameter's device); False if
-    the optimizer is wrapped and nothing was set."""
-    opt = plain_optimizer(engine)
-    if opt is None:
-        return False
-    for name, p in engine.module.named_parameters():
-        if name in states:
-            opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in states[name].items()}
-    return True
 
 
 def continue_schedule(src, dst) -> None:

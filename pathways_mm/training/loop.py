@@ -32,7 +32,7 @@ from pathways_mm.metrics import format_table
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import engine as ds_engine
-from pathways_mm.runtime import faults
+from pathways_mm.runtime import faults, reshard
 from pathways_mm.runtime.watchdog import CollectiveGuard
 from pathways_mm.training import routes
 from pathways_mm.training.evaluate import evaluate
@@ -168,14 +168,14 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
     resume_meta = None
     if resume_from is not None:
         resume_meta = ckpt.read_meta(resume_from)
-        ckpt.check_compatible(resume_meta, cfg, tok, resume=True, where=str(resume_from / ckpt.META_FILE))
+        ckpt.check_compatible(resume_meta, cfg, tok, where=str(resume_from / ckpt.META_FILE))
     ts = load_tasks(cfg)
     model = build_model(cfg.model, tok.vocab_size)
     hooks.model_built(model, rank, world)
     engine = ds_engine.initialize(model, cfg, world)
     start = 0
     if resume_from is not None:
-        ckpt.load_checkpoint(engine, resume_from, with_optimizer=True)
+        reshard.resume(engine, resume_from, resume_meta, world)
         start = resume_meta["step"]
     hooks.engine_ready(engine, ts, tok)
     r = Run(
@@ -197,9 +197,11 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
         r.log = open_logs(r.out_dir, cfg.train.log_to, start if resume_from is not None else None)
         n_total, n_active = param_counts(model)
         mixture = dict(zip(ts.table, r.sampler.probs.round(3).tolist()))
+        peers = ds_engine.expert_peers(cfg)
+        ep = f" (rank 0 exchanges tokens with ranks {peers})" if peers else ""
         r.say(
             f"{cfg.name}: {len(ts.tasks)} tasks ({', '.join(ts.table)}), {n_total / 1e6:.2f}M params "
-            f"({n_active / 1e6:.2f}M active), {world} process(es), steps {start}->{cfg.train.steps}, mixture {mixture}"
+            f"({n_active / 1e6:.2f}M active), {world} process(es){ep}, steps {start}->{cfg.train.steps}, mixture {mixture}"
         )
     if "tensorboard" in cfg.train.log_to and cfg.model.moe.num_experts:
         r.load = routes.LoadWindow(engine)
@@ -267,6 +269,7 @@ def log_step(r: Run, done: int) -> None:
 
 def save(r: Run, done: int) -> Path:
     meta = {**ckpt.checkpoint_meta(r.cfg, r.ts.table, r.tok, done), **r.hooks.meta()}
+    meta["layout"] = reshard.layout(r.engine, r.world)
     return ckpt.save_checkpoint(r.engine, r.ckpt_dir, done, meta, r.cfg.train.keep_checkpoints)
 
 

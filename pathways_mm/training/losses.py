@@ -15,7 +15,9 @@ from pathways_mm.model.batch import IGNORE, Batch
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # what backward() sees: lm_loss + aux_loss
-    lm_loss: torch.Tensor  # mean NLL per target token ("token") or of per-sample means ("example")
+    lm_loss: (
+        torch.Tensor
+    )  # mean NLL per target token ("token"), of per-sample means ("example") or sqrt-weighted ("sqrt")
     aux_loss: torch.Tensor
     nll_B: torch.Tensor  # summed NLL (nats) per sample, detached
     num_tokens_B: torch.Tensor  # target tokens per sample
@@ -32,6 +34,11 @@ def forward_loss(model, batch: Batch, norm: str = "example") -> LossOutput:
     num_tokens_B = mask_BL.sum(1)
     if norm == "token":
         lm_loss = nll_B.sum() / num_tokens_B.sum().clamp(min=1)
+    elif norm == "sqrt":
+        # Between the two: a sample's mean NLL weighs sqrt(its target tokens), so a 70-token LM
+        # chunk counts ~4x a 4-token answer instead of 1x ("example") or ~17x ("token").
+        w_B = num_tokens_B.to(nll_B.dtype).sqrt()
+        lm_loss = (w_B * nll_B / num_tokens_B.clamp(min=1)).sum() / w_B.sum().clamp(min=1e-6)
     else:
         has = num_tokens_B > 0
         lm_loss = (nll_B[has] / num_tokens_B[has]).sum() / has.sum().clamp(min=1)

@@ -154,7 +154,7 @@ def test_checkpoint_meta_and_manifest(tmp_path):
         (tag / ckpt.META_FILE).write_text(raw)
         meta = clean(ckpt.read_meta, tag)
         if meta is not None:
-            clean(check_compatible, meta, cfg, tok, True, str(tag / ckpt.META_FILE))
+            clean(check_compatible, meta, cfg, tok, str(tag / ckpt.META_FILE))
         (tag / ckpt.MANIFEST).write_text(json.dumps({"files": mutate(rng, {"a.pt": {"sha256": "0", "bytes": 1}})}))
         assert clean(ckpt.verify, tag) != []  # never "intact": the files it names do not exist
 
