@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(PMM) train $(DEMO) --set train.out_dir=runs/demo --resume
 	$(PMM) eval runs/demo --out runs/demo/eval.json --routes runs/demo/routes.json
 	$(PMM) routes runs/demo/routes.json --out runs/demo/routes
+	$(PMM) samples --out runs/demo/samples    # test inputs as PNG/WAV files for `predict` (README)
 
 # The formatter and linter the field uses; configured in pyproject.toml. `make format` applies both.
 lint: $(STAMP)

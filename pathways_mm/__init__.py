@@ -1,8 +1,10 @@
 """pathways-mm: one sparse model for many tasks and modalities, trained with DeepSpeed."""
 
+import importlib
 import os
 
 __version__ = "0.1.0"
+__all__ = ["load"]
 
 
 def _pin_accelerator() -> None:
@@ -21,3 +23,12 @@ def _pin_accelerator() -> None:
 
 
 _pin_accelerator()
+
+
+def __getattr__(name: str):
+    """`pathways_mm.load` (pathways_mm.inference.api.load), imported on first use: importing the
+    package stays cheap (no DeepSpeed, no model code) for `pathways-mm --help` and the leaves.
+    By name, not by an import statement: the package's own module is a leaf of the layer rules."""
+    if name == "load":
+        return importlib.import_module("pathways_mm.inference.api").load
+    raise AttributeError(f"module 'pathways_mm' has no attribute {name!r}")

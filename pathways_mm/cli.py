@@ -83,6 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out=args.out,
             overrides=parse_overrides(args.overrides),
             routes_out=args.routes,
+            predictions_out=args.predictions,
         )
     )
 
@@ -106,6 +107,26 @@ def cmd_add_task(args: argparse.Namespace) -> int:
         run_add_task(args.source, dataclasses.replace(opts, freeze=not args.train_all, adapter_rank=args.adapter_rank))
 
     return in_process_group(go)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathways_mm.inference.predict import run_predict
+
+    opts = _pick(args, "image", "audio", "text", "out", "max_new_tokens", "batch_size", "device", "experts")
+    return run_guarded(lambda: run_predict(args.source, args.task, input_path=args.input, **opts))
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from pathways_mm.inference.samples import write_samples
+
+    return run_guarded(lambda: write_samples(args.out, args.task, count=args.count, split=args.split))
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from pathways_mm.continual.upcycle import run_upcycle
+
+    opts = _pick(args, "num_experts", "top_k", "out", "moe_every")
+    return in_process_group(lambda: run_upcycle(args.source, **opts))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -297,6 +318,11 @@ def _add_eval(sub) -> None:
         metavar="OUT.json",
         help="also write where each task's tokens went (see `pathways-mm routes`)",
     )
+    e.add_argument(
+        "--predictions",
+        metavar="OUT.jsonl",
+        help="also write one JSON line per sample: key, task, target, output, its metrics",
+    )
     e.set_defaults(func=cmd_eval)
 
 
@@ -331,12 +357,51 @@ def _add_add_task(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    x = sub.add_parser("export", help="one task's sub-network: only the experts on its pathway, parity-checked")
+    x = sub.add_parser("export", help="portable weights (safetensors): the whole model, or one task's sub-network")
     x.add_argument("--from", dest="source", required=True, metavar="CKPT", help="a run or one of its checkpoints")
-    x.add_argument("--task", required=True, help="a task of the checkpoint")
-    x.add_argument("--out", required=True, help="new folder for model.pt and export.json")
+    x.add_argument("--task", help="only this task's sub-network (the experts on its pathway, parity-checked)")
+    x.add_argument("--out", required=True, help="new folder for model.safetensors and export.json")
     x.add_argument("--max-samples", type=int, help="samples that define the pathway and check parity (0 = all)")
     x.set_defaults(func=cmd_export)
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="a trained model's answers to your own images, WAV clips and text")
+    p.add_argument("source", metavar="RUN", help="a run directory, one of its checkpoints, or an export folder")
+    p.add_argument("--task", help="the task to answer (with --input: for lines that name none)")
+    p.add_argument("--image", metavar="FILE", help="an image file (PNG, JPEG, ...; ink bright on dark)")
+    p.add_argument("--audio", metavar="FILE", help="a PCM WAV file at the model's rate (16 kHz)")
+    p.add_argument("--text", metavar="TEXT", help="the prompt text")
+    p.add_argument("--input", metavar="FILE.jsonl", help="many inputs: one JSON object per line (task, image, ...)")
+    p.add_argument("--out", metavar="FILE.jsonl", help="with --input: where the answers go (default: stdout)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the task's)")
+    p.add_argument("--batch-size", type=int, help="inputs per forward with --input (default: eval.batch_size)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if there is one)")
+    p.add_argument("--experts", action="store_true", help="also give each token's experts in every MoE layer")
+    p.set_defaults(func=cmd_predict)
+    s = sub.add_parser("samples", help="held-out test inputs as PNG/WAV files, to try `predict` on")
+    s.add_argument("--out", required=True, help="folder for the files and inputs.jsonl")
+    s.add_argument(
+        "--task", action="append", default=[], metavar="NAME", help="this task only (repeatable; default: all)"
+    )
+    s.add_argument("--count", type=int, default=3, help="inputs per task")
+    s.add_argument("--split", default="test", help="dataset split")
+    s.set_defaults(func=cmd_samples)
+
+
+def _add_upcycle(sub) -> None:
+    u = sub.add_parser("upcycle", help="turn a trained dense model into an MoE model (experts copied from its FFNs)")
+    u.add_argument("--from", dest="source", required=True, metavar="DENSE_RUN", help="a dense run or checkpoint")
+    u.add_argument("--num-experts", type=int, required=True, metavar="E", help="experts per MoE layer")
+    u.add_argument("--top-k", type=int, required=True, metavar="K", help="experts per token")
+    u.add_argument("--moe-every", type=int, metavar="N", help="every N-th FFN becomes MoE (default: the config's, 2)")
+    u.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="new run directory; continue it with `train DIR/config.yaml --resume`",
+    )
+    u.set_defaults(func=cmd_upcycle)
 
 
 def _add_continual(sub) -> None:
@@ -460,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_baseline,
         _add_add_task,
         _add_export,
+        _add_predict,
+        _add_upcycle,
         _add_continual,
         _add_ablate,
         _add_routes_and_tasks,

@@ -243,6 +243,8 @@ class TrainConfig:
     # (plus as long again to learn which rank it was) instead of hanging it.
     collective_timeout_s: float = 300.0
     max_bad_steps: int = 5  # non-finite loss/gradient steps in a row (each skipped) before the run stops
+    # Where records go: metrics.jsonl always (studies read it), metrics.csv, TensorBoard (RUN/tensorboard/).
+    log_to: tuple[str, ...] = ("jsonl",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -569,6 +571,12 @@ def _validate_train(cfg: ExperimentConfig) -> None:
     for key in ("eval_every", "save_every", "keep_checkpoints", "threads", "warmup_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0")
+    sinks = {"jsonl", "tensorboard", "csv"}
+    if "jsonl" not in t.log_to or not set(t.log_to) <= sinks or len(set(t.log_to)) < len(t.log_to):
+        raise ConfigError(
+            f"train.log_to: {list(t.log_to)}; list jsonl (always written: studies read it) and optionally "
+            "tensorboard and csv, each once"
+        )
     if t.collective_timeout_s <= 0:
         raise ConfigError("train.collective_timeout_s must be > 0 (seconds a collective may wait for a peer)")
     if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:

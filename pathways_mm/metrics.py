@@ -62,6 +62,23 @@ def score(
     return res
 
 
+def sample_metrics(
+    row: EvalRow, metrics: Sequence[str], final_answer: Callable[[str], str] = str.strip
+) -> dict[str, float]:
+    """One sample's value of each metric (`score` pools them over a corpus): exact_match 0 or 1,
+    char_error_rate its edits per target character, bits_per_byte and loss of its target alone."""
+    out = {"loss": row.nll / max(row.num_tokens, 1)}
+    if "bits_per_byte" in metrics:
+        out["bits_per_byte"] = row.nll / math.log(2) / max(row.num_bytes, 1)
+    if row.generated is not None:
+        got, want = final_answer(row.generated), final_answer(row.target)
+        if "exact_match" in metrics:
+            out["exact_match"] = float(got == want)
+        if "char_error_rate" in metrics:
+            out["char_error_rate"] = edit_distance(got, want) / max(1, len(want))
+    return out
+
+
 def format_table(results: dict[str, Any]) -> str:
     """One line per (task, metric): value next to chance and the number of samples."""
     lines = [f"{'task':<20} {'metric':<16} {'value':>8} {'chance':>8} {'n':>6}"]

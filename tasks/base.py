@@ -57,6 +57,12 @@ class Task:
         into media banks built under `root` (images, audio) reads them from there."""
         self.root, self.seed = Path(root), seed
 
+    def segments_for(self, inputs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        """The segments the model reads for a user's own inputs ({modality: raw}, as `encode`
+        would lay out a sample holding them): by default, in the order of `modalities`. A task
+        whose `encode` adds fixed text (an instruction around the user's input) overrides it."""
+        return tuple((m, inputs[m]) for m in self.modalities if m in inputs)
+
     def final_answer(self, text: str) -> str:
         """The part of an output the metrics score (default: all of it, stripped).
 

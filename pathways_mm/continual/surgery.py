@@ -1,4 +1,5 @@
-"""Model surgery for add-task: give a model a new task's pathway (and experts), freeze the rest.
+"""Model surgery: give a model a new task's pathway (and experts) and freeze the rest (add-task); turn a
+dense model into an MoE one (upcycle).
 
 Works on plain state dicts and modules, not on DeepSpeed; expert weights keyed by global id
 (`routing.pathways.expert_key`).
@@ -14,7 +15,7 @@ from torch import nn
 
 from pathways_mm.model.adapters import is_adapter
 from pathways_mm.routing.experts import WEIGHT_NAMES
-from pathways_mm.routing.pathways import expert_key
+from pathways_mm.routing.pathways import expert_key, split_expert_key
 
 
 class Growth(NamedTuple):
@@ -155,3 +156,48 @@ def changed_frozen(model: nn.Module, freeze: Freeze) -> list[str]:
         if not torch.equal(before, now):
             bad.append(name)
     return bad
+
+
+def dense_source(name: str, moe_layers: Iterable[str]) -> str | None:
+    """For a parameter or state key of an upcycled model, the dense model's key it starts from:
+    an expert weight (stacked `{layer}.deepspeed_moe.experts.w1.weight`, or DeepSpeed's per-expert
+    key) the FFN of its layer (`{layer}.w1.weight`); a router weight none (it starts fresh); any
+    other key itself."""
+    for layer in moe_layers:
+        if not name.startswith(f"{layer}.deepspeed_moe."):
+            continue
+        parts = split_expert_key(name)
+        if parts is not None:
+            return f"{layer}.{parts[2]}"
+        rest = name.removeprefix(f"{layer}.deepspeed_moe.")
+        if rest.startswith("experts.") and rest.removeprefix("experts.").split(".")[0] in WEIGHT_NAMES:
+            return f"{layer}.{rest.removeprefix('experts.')}"
+        return None
+    return name
+
+
+def upcycle(
+    dense: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], moe_layers: list[str]
+) -> dict[str, torch.Tensor]:
+    """Sparse upcycling (Komatsuzaki et al. 2022): the state of an MoE model whose every expert in
+    `moe_layers` starts as a copy of the dense FFN that stood there, and whose every other weight
+    is the dense model's; the routers (token router, pathway priors, allowed masks) are `fresh`'s,
+    the new model's own initial state. Every expert computes what the dense FFN did and the top-k
+    combine weights sum to 1, so the upcycled model starts as the dense model's function.
+    """
+    out, used = {}, set()
+    for key, value in fresh.items():
+        src = dense_source(key, moe_layers)
+        if src is None:
+            out[key] = value.clone()
+            continue
+        if src not in dense:
+            raise ValueError(f"upcycle: the dense model has no '{src}' for '{key}'")
+        if dense[src].shape != value.shape:
+            raise ValueError(f"upcycle: '{src}' is {tuple(dense[src].shape)}, '{key}' needs {tuple(value.shape)}")
+        out[key] = dense[src].clone()
+        used.add(src)
+    unused = sorted(set(dense) - used)
+    if unused:
+        raise ValueError(f"upcycle: dense weights with no place in the MoE model: {unused[:3]}")
+    return out

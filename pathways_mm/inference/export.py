@@ -1,15 +1,21 @@
-"""Export one task's sub-network: only the experts on its pathway, checked against the full model.
+"""Export a trained model as portable weights: a whole run, or one task's sub-network.
 
+    pathways-mm export --from CKPT --out DIR                          # every task, every expert
     pathways-mm export --from CKPT --task NAME --out DIR [--max-samples N]
+
+DIR gets model.safetensors (tensors only: loading it runs no code, unlike a pickle) and
+export.json (the config, the task table, the tokenizer hash; for a task, what was kept). The
+whole-run export is the checkpoint's weights as one process holds them (every expert), read back
+and compared tensor by tensor before anything is written. `pathways_mm.load(DIR)` and
+`load_export(DIR)` rebuild the model.
 
 The pathway of a task in a layer is the set of experts its tokens reach; of the task adapters
 (add-task's), only the task's own slot is kept. They are counted on the task's evaluation data,
 teacher-forced and while greedy decoding, so every forward the parity check makes stays inside
 the kept experts. The sub-network keeps every router in full (a few numbers per expert) and
 cuts its logits to the kept experts, so a token's experts and combine weights are those of the
-full model bit for bit; it also drops the encoders of modalities the task does not read. DIR
-gets model.pt (weights only) and export.json (config, kept experts, parameter counts, parity
-result); `load_export(DIR)` rebuilds the model.
+full model bit for bit; it also drops the encoders of modalities the task does not read; its
+export.json also records the kept experts, the parameter counts and the parity result.
 
 Shape suffixes: L MoE layers, T tasks, E experts.
 """
@@ -22,15 +28,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
-from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process
+from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process, to_dict
 from pathways_mm.data.collate import collate, prompt_only
 from pathways_mm.data.datasets import encode, load_split
 from pathways_mm.data.declared import declare_tasks
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text
+from pathways_mm.io import atomic_write_text, atomic_writer
 from pathways_mm.model.adapters import is_adapter
 from pathways_mm.model.generate import greedy_generate, target_logits
 from pathways_mm.model.model import PathwaysModel, build_model
@@ -42,7 +50,8 @@ from pathways_mm.tasks import Task, get_task
 from pathways_mm.training.routes import expert_counts
 
 INFO = "export.json"
-WEIGHTS = "model.pt"
+WEIGHTS = "model.safetensors"
+FORMAT = 2  # 1: model.pt (a pickle), task exports only
 ENCODERS = {"image": "vision", "audio": "audio"}
 
 
@@ -122,25 +131,64 @@ def _parity(full: tuple[list, list], sub: tuple[list, list], num_samples: int) -
     }
 
 
-def run_export(source: str, task_name: str, out: str, max_samples: int | None = None) -> dict[str, Any]:
-    """Cut `task_name`'s sub-network out of a checkpoint, check parity, write DIR; returns export.json."""
+def run_export(source: str, task_name: str | None, out: str, max_samples: int | None = None) -> dict[str, Any]:
+    """Export a checkpoint to DIR: the whole model (`task_name` None) or one task's sub-network
+    (parity-checked); returns export.json."""
     tok = load_tokenizer()
     tag_dir, meta, cfg = ckpt.open_checkpoint(source, tok)
     cfg = one_process(cfg)
     table = meta["task_table"]
-    if task_name not in table:
+    if task_name is not None and task_name not in table:
         raise ConfigError(
             f"task '{task_name}' is not in {tag_dir} (it holds {', '.join(sorted(table, key=table.get))})"
         )
-    if not cfg.model.moe.num_experts:
-        raise ConfigError(f"{tag_dir} is a dense model: there are no experts to cut (export needs MoE layers)")
+    if task_name is not None and not cfg.model.moe.num_experts:
+        raise ConfigError(
+            f"{tag_dir} is a dense model: there are no experts to cut (export it whole: leave out --task)"
+        )
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"--out {out_dir} exists and is not empty; choose a new directory")
     declare_tasks(cfg)  # data, not code: a checkpoint's declared tasks are safe to rebuild
-    task, tid = get_task(task_name), table[task_name]
     model = build_model(cfg.model, tok.vocab_size)
     ckpt.load_weights(model, ckpt.load_full_state(tag_dir), tag_dir)
+    head = {
+        "format": FORMAT,
+        "source": str(tag_dir),
+        "step": meta["step"],
+        "task_table": table,
+        "tokenizer_hash": meta["tokenizer_hash"],
+    }
+    if task_name is None:
+        info = head | {
+            "kind": "run",
+            "config": portable_config(cfg),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        save_export(out_dir, model.state_dict(), info)
+        print(f"export: all {len(table)} tasks, {info['params']:,} parameters", file=sys.stderr)
+    else:
+        sub, info = cut_task(model, cfg, task_name, table[task_name], tok, max_samples)
+        info = head | {"kind": "task", "config": portable_config(cfg) | {"model": info.pop("model")}} | info
+        save_export(out_dir, sub.state_dict(), info)
+        print(format_export(info), file=sys.stderr)
+    print(f"pathways-mm: wrote {out_dir / WEIGHTS} and {out_dir / INFO}", file=sys.stderr)
+    return info
+
+
+def portable_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as export.json keeps it: no path of the machine it was trained on."""
+    data = to_dict(cfg)
+    data.pop("source", None)
+    return data
+
+
+def cut_task(
+    model: PathwaysModel, cfg: ExperimentConfig, task_name: str, tid: int, tok: TextTokenizer, max_samples: int | None
+) -> tuple[PathwaysModel, dict[str, Any]]:
+    """`task_name`'s sub-network of `model` and what export.json says of it; RuntimeError (nothing
+    written) if its logits or greedy outputs differ from the full model's on the task's data."""
+    task = get_task(task_name)
     model.to(ds_engine.device()).eval()
     limit = cfg.eval.max_samples if max_samples is None else max_samples
     samples = load_split(task, cfg.eval.split, data_root(cfg), cfg.data.seed)
@@ -156,11 +204,9 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
     parity = _parity(tuple(full_out), run_task(sub, task, tid, samples, cfg, tok), len(samples))
     n_full, n_sub = (sum(p.numel() for p in m.parameters()) for m in (model, sub))
     info = {
-        "source": str(tag_dir),
+        "model": dataclasses.asdict(sub_cfg.model),
         "task": task_name,
         "task_id": tid,
-        "config": meta["config"] | {"model": dataclasses.asdict(sub_cfg.model)},
-        "tokenizer_hash": meta["tokenizer_hash"],
         "kept_experts": keep,
         "dropped_encoders": drop,
         "params_full": n_full,
@@ -175,12 +221,29 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
             f"export of {task_name}: the sub-network's outputs differ from the full model's "
             f"(max |diff| {parity['max_abs_diff']:.3g}); nothing was written"
         )
+    return sub, info
+
+
+def save_export(out_dir: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """model.safetensors, checked by reading it back, then export.json (written last: a folder
+    without it is not an export)."""
+    # own copies: the experts' per-expert views share one stacked tensor, which safetensors refuses
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(sub.state_dict(), out_dir / WEIGHTS)
+    with atomic_writer(out_dir / WEIGHTS, "wb") as f:
+        f.write(safetensors.torch.save(tensors, metadata={"format": "pt", "pathways_mm": f"export-v{FORMAT}"}))
+    back = read_weights(out_dir / WEIGHTS)
+    bad = [n for n, t in tensors.items() if n not in back or not torch.equal(back[n], t)]
+    if bad or len(back) != len(tensors):
+        raise RuntimeError(f"{out_dir / WEIGHTS}: read back differs from the model in {bad[:3]}; do not use it")
     atomic_write_text(out_dir / INFO, json.dumps(info, indent=2))
-    print(format_export(info), file=sys.stderr)
-    print(f"pathways-mm: wrote {out_dir / WEIGHTS} and {out_dir / INFO}", file=sys.stderr)
-    return info
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{path}: unreadable weights ({e})") from None
 
 
 def format_export(info: dict[str, Any]) -> str:
@@ -200,16 +263,21 @@ def format_export(info: dict[str, Any]) -> str:
 
 
 def load_export(path: str | Path) -> tuple[PathwaysModel, dict[str, Any]]:
-    """The exported sub-network (on the CPU, eval mode) and its export.json."""
+    """The exported model (on the CPU, eval mode) and its export.json: the whole run, or one
+    task's sub-network."""
     d = Path(path)
     try:
         info = json.loads((d / INFO).read_text())
-    except (OSError, ValueError) as e:
+        cfg = config_from_dict(info["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{d}: not a pathways-mm export ({INFO}: {e})") from None
-    cfg = config_from_dict(info["config"])
+    if info.get("format") != FORMAT:
+        raise ConfigError(f"{d}: export format {info.get('format', 1)}, this pathways-mm reads {FORMAT}; export again")
     tok = load_tokenizer()
     if info.get("tokenizer_hash") != tok.hash:
         raise ConfigError(f"{d}: exported with tokenizer {info.get('tokenizer_hash')}, this install has {tok.hash}")
-    sub = cut(build_model(cfg.model, tok.vocab_size), info["kept_experts"], info["dropped_encoders"])
-    sub.load_state_dict(torch.load(d / WEIGHTS, map_location="cpu", weights_only=True))
-    return sub.eval(), info
+    model = build_model(cfg.model, tok.vocab_size)
+    if info.get("kind") == "task":
+        model = cut(model, info["kept_experts"], info["dropped_encoders"])
+    ckpt.load_weights(model, read_weights(d / WEIGHTS), d)
+    return model.eval(), info

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +253,13 @@ def weights_in_sync(engine, world: int) -> bool | None:
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
+
+
+def continue_schedule(src, dst) -> None:
+    """`dst` where `src` stands: the LR schedule's position (with each group's learning rate) and
+    the step counters DeepSpeed checkpoints (global steps and samples, skipped steps)."""
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose, no step is taken
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(src.lr_scheduler.last_epoch - dst.lr_scheduler.last_epoch):
+            dst.lr_scheduler.step()
+    dst.global_steps, dst.global_samples, dst.skipped_steps = src.global_steps, src.global_samples, src.skipped_steps

@@ -43,6 +43,28 @@ def is_plain(engine) -> bool:
     )
 
 
+def named_state(engine) -> dict[str, dict[str, Any]] | None:
+    """The optimizer's per-parameter state (Adam moments, step) by parameter name, as this rank
+    holds it; None where the optimizer is not plain (`is_plain`)."""
+    if engine.optimizer is None or not is_plain(engine):
+        return None
+    opt = engine.optimizer
+    return {name: dict(opt.state[p]) for name, p in engine.module.named_parameters() if p in opt.state}
+
+
+def set_named_state(engine, states: dict[str, dict[str, Any]]) -> bool:
+    """Give the named parameters this optimizer state (tensors moved to each parameter's device);
+    False, and nothing set, where the optimizer is not plain."""
+    if engine.optimizer is None or not is_plain(engine):
+        return False
+    for name, p in engine.module.named_parameters():
+        if name in states:
+            engine.optimizer.state[p] = {
+                k: v.to(p.device) if torch.is_tensor(v) else v for k, v in states[name].items()
+            }
+    return True
+
+
 def layout(engine, world: int) -> dict[str, Any]:
     """How this run holds its optimizer state, for pmm_meta.json: processes, ep_size, ZeRO stage,
     precision and, for a plain optimizer, the parameter names of every optimizer group in order."""

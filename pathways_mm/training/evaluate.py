@@ -25,7 +25,7 @@ from pathways_mm.data.sources import Row
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_write_text
-from pathways_mm.metrics import EvalRow, format_table, score
+from pathways_mm.metrics import EvalRow, format_table, sample_metrics, score
 from pathways_mm.model.generate import greedy_generate
 from pathways_mm.model.model import build_model
 from pathways_mm.routing import telemetry
@@ -118,10 +118,12 @@ def evaluate(
     split: str | None = None,
     max_samples: int | None = None,
     train_sets: Sequence[Sequence[Any]] | None = None,
+    predictions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics per task (and chance levels) on `split`; every rank must call it.
 
     `train_sets` (one per task) feed the chance levels; read from the cache when not given.
+    `predictions`: a list that gets one record per sample (key, task, target, output, metrics).
     """
     split = split or cfg.eval.split
     limit = cfg.eval.max_samples if max_samples is None else max_samples
@@ -136,15 +138,30 @@ def evaluate(
         with torch.no_grad():
             rows, bad = _task_rows(model, task, tid, samples, cfg, tok, split)
         by_index = {r.index: r for part in dist.gather(rows) for r in part}  # repeats from shard padding collapse
-        res = score([by_index[i] for i in sorted(by_index)], task.metrics, task.final_answer)
+        task_rows = [by_index[i] for i in sorted(by_index)]
+        res = score(task_rows, task.metrics, task.final_answer)
         bad = set().union(*dist.gather(bad))
         if bad:
             res["bad_samples"] = len(bad)
+        if predictions is not None:
+            predictions += [prediction(task, r, split) for r in task_rows]
         res["chance"] = {m: task.chance(m, train, samples) for m in task.metrics}
         results[task.name] = res
     if was_training:
         model.train()
     return results
+
+
+def prediction(task: Task, row: EvalRow, split: str) -> dict[str, Any]:
+    """One evaluated sample as `eval --predictions` writes it (output is null where the task's
+    metrics need no decoding, as text_lm's bits per byte)."""
+    return {
+        "key": f"{split}[{row.index}]",
+        "task": task.name,
+        "target": row.target,
+        "output": row.generated,
+        "metrics": {k: round(v, 6) for k, v in sample_metrics(row, task.metrics, task.final_answer).items()},
+    }
 
 
 def run_eval(
@@ -154,11 +171,12 @@ def run_eval(
     out: str | None = None,
     overrides: dict[str, Any] | None = None,
     routes_out: str | None = None,
+    predictions_out: str | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint (any process count), evaluate its tasks, print a table and write JSON.
 
     overrides: the user's --set values (nested dict); routes_out: also count where the evaluated
-    tokens go and write a routes file there.
+    tokens go and write a routes file there; predictions_out: also write one JSON line per sample.
     """
     tok = load_tokenizer()
     tag_dir, meta, cfg = ckpt.open_checkpoint(checkpoint, tok, overrides)
@@ -176,7 +194,8 @@ def run_eval(
     ckpt.load_checkpoint(engine, tag_dir, with_optimizer=False)
     if routes_out:
         routes.start(engine)
-    results = evaluate(engine, cfg, tasks, tok, split=split, max_samples=max_samples)
+    predictions: list[dict[str, Any]] | None = [] if predictions_out else None
+    results = evaluate(engine, cfg, tasks, tok, split=split, max_samples=max_samples, predictions=predictions)
     report = {"checkpoint": str(tag_dir), "step": meta["step"], "split": split or cfg.eval.split, "tasks": results}
     if routes_out:
         ckpt_id = {
@@ -196,4 +215,8 @@ def run_eval(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2))
         print(f"pathways-mm: wrote {path}", file=sys.stderr)
+        if predictions_out:
+            Path(predictions_out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(predictions_out, "".join(json.dumps(p) + "\n" for p in predictions))
+            print(f"pathways-mm: wrote {len(predictions)} predictions to {predictions_out}", file=sys.stderr)
     return report

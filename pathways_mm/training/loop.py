@@ -11,7 +11,6 @@ Shape suffixes: B rows of a micro-batch, T tasks.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -40,34 +39,8 @@ from pathways_mm.runtime.watchdog import CollectiveGuard
 from pathways_mm.training import routes
 from pathways_mm.training.bad_samples import BadSamples
 from pathways_mm.training.evaluate import evaluate
+from pathways_mm.training.logs import Logs, open_logs
 from pathways_mm.training.losses import forward_loss
-
-
-class MetricsLog:
-    """Append-only JSONL; on resume, records after the resumed step are dropped (they are redone).
-
-    A record torn by a kill mid-write is dropped too; the rewrite is atomic, so a second kill
-    cannot lose the records before it.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            atomic_write_text(path, "")
-        elif path.exists():
-            keep = []
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    keep.append(line)
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 class Hooks:
@@ -140,9 +113,10 @@ class Run:
     sampler: MixtureSampler
     start: int
     window: LossWindow
-    log: MetricsLog | None  # rank 0 only
+    log: Logs | None  # rank 0 only
     batches: Iterator[LoadedBatch] | None = None  # this rank's micro-batches from the DataLoader, in order
     bad: BadSamples | None = None  # samples read and skipped (data.on_bad_sample: skip)
+    load: routes.LoadWindow | None = None  # expert load per task, for the loggers (TensorBoard)
     bar: tqdm | None = None
     bad_in_a_row: int = 0
     t0: float = field(default_factory=time.time)
@@ -225,7 +199,7 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
     if rank == 0:
         r.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(r.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        r.log = MetricsLog(r.out_dir / "metrics.jsonl", start if resume_from is not None else None)
+        r.log = open_logs(r.out_dir, cfg.train.log_to, start if resume_from is not None else None)
         n_total, n_active = param_counts(model)
         mixture = dict(zip(ts.table, r.sampler.probs.round(3).tolist()))
         peers = ds_engine.expert_peers(cfg)
@@ -234,6 +208,8 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
             f"{cfg.name}: {len(ts.tasks)} tasks ({', '.join(ts.table)}), {n_total / 1e6:.2f}M params "
             f"({n_active / 1e6:.2f}M active), {world} process(es){ep}, steps {start}->{cfg.train.steps}, mixture {mixture}"
         )
+    if "tensorboard" in cfg.train.log_to and cfg.model.moe.num_experts:
+        r.load = routes.LoadWindow(engine)
     r.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     r.bad = BadSamples(cfg.data, list(ts.table), r.say)
     r.batches = micro_batches(cfg, ts, r.sampler, tok, rank, start)
@@ -282,25 +258,25 @@ def train_step(r: Run, step: int) -> None:
 
 
 def log_step(r: Run, done: int) -> None:
-    """Mean loss and per-task loss since the last log step, over every rank, into metrics.jsonl
-    (with data.on_bad_sample: skip, the bad samples too)."""
+    """Mean loss and per-task loss (and expert load) since the last log step, over every rank, into the
+    logs (with data.on_bad_sample: skip, the bad samples too)."""
     bad = r.bad.reduce(ds_engine.device()) if r.cfg.data.on_bad_sample == "skip" else {}
     if r.window.empty:
         return
     loss, per_task = r.window.reduce(done, r.ts.table)
+    load = r.load.reduce(r.ts.table) if r.load is not None else None
     if r.log is not None:
         lr = r.engine.get_lr()[0]
-        r.log.write(
-            {
-                "step": done,
-                "loss": loss,
-                "task_loss": per_task,
-                "lr": lr,
-                "skipped_steps": r.engine.skipped_steps,
-                "elapsed_s": round(time.time() - r.t0, 2),
-                **bad,
-            }
-        )
+        record = {
+            "step": done,
+            "loss": loss,
+            "task_loss": per_task,
+            "lr": lr,
+            "skipped_steps": r.engine.skipped_steps,
+            "elapsed_s": round(time.time() - r.t0, 2),
+            **bad,
+        }
+        r.log.write(record | ({"expert_load": load} if load else {}))
         r.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
 
 
@@ -318,7 +294,13 @@ def evaluate_mid_run(r: Run, done: int) -> None:
 
 
 def evaluate_and_route(r: Run, step: int) -> dict[str, Any]:
-    """`evaluate`; with `eval.routes`, also write where the evaluated tokens went to out_dir/routes/."""
+    """`evaluate`; with `eval.routes`, also write where the evaluated tokens went to out_dir/routes/.
+
+    The training steps' expert load is set aside first and counting restarts after: evaluated
+    tokens are not training routes.
+    """
+    if r.load is not None:
+        r.load.harvest()
     if r.cfg.eval.routes:
         routes.start(r.engine)
     results = evaluate(r.engine, r.cfg, r.ts.tasks, r.tok, train_sets=r.ts.train)
@@ -333,6 +315,8 @@ def evaluate_and_route(r: Run, step: int) -> dict[str, Any]:
         )
         if r.rank == 0:
             routes_file.write(r.out_dir / "routes" / f"{ckpt.tag_for(step)}.json", doc)
+    if r.load is not None:
+        r.load.restart()
     return results
 
 
@@ -340,6 +324,8 @@ def stop(r: Run, done: int) -> dict[str, Any]:
     """`--stop-after`: the checkpoint is saved; say how to continue."""
     r.bar.close()
     r.batches = None  # ends the DataLoader's workers
+    if r.log is not None:
+        r.log.close()
     path = r.ckpt_dir / ckpt.tag_for(done)
     r.say(f"stopped after step {done}; checkpoint {path}; continue with --resume")
     return {"step": done, "checkpoint": str(path), "stopped": True}
@@ -367,6 +353,7 @@ def finish(r: Run) -> dict[str, Any]:
     }
     if r.log is not None:
         r.log.write({"step": steps, "eval": last_eval, "weights_in_sync": in_sync, "passes": passes})
+        r.log.close()
         print(format_table(last_eval), file=sys.stderr)
         r.say(
             "passes over each task's training data (1 = every sample once): "

@@ -67,3 +67,49 @@ def expert_counts(model: torch.nn.Module, run: Callable[[], Any], all_ranks: boo
     finally:
         telemetry.enable(model, on=False)
     return (dist.all_reduce_(counts) if all_ranks else counts).cpu()
+
+
+class LoadWindow:
+    """Routes per (MoE layer, task, expert) of the training steps since the last log step, kept on
+    the device: read (one all-reduce) only when logging, as the loss is.
+
+    Telemetry stays on while training; an evaluation in between may count its own tokens or switch
+    it off, so `harvest` before it and `restart` after it.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.sums: torch.Tensor | None = None  # [layers, max_tasks, experts]
+        self.blocks = [c.block for c in telemetry.read(model)] if telemetry.enable(model) else []
+
+    def harvest(self) -> None:
+        """Move the layers' counters into the window and zero them (no host sync)."""
+        layers = telemetry.read(self.model)
+        if not layers:
+            return
+        counts = torch.stack([c.route_counts[0].sum(1) for c in layers])
+        self.sums = counts if self.sums is None else self.sums + counts
+        for c in layers:
+            c.route_counts.zero_()
+            c.token_stats.zero_()
+
+    def restart(self) -> None:
+        telemetry.enable(self.model)
+
+    def reduce(self, table: dict[str, int]) -> dict[str, dict[str, dict[str, float]]]:
+        """Per MoE layer and task, the share of the task's routes each expert took since the last
+        call, over every rank (every rank must call it); then the window is empty."""
+        self.harvest()
+        if self.sums is None:
+            return {}
+        counts = dist.all_reduce_(self.sums).cpu().double()
+        self.sums = None
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for block, per_task in zip(self.blocks, counts):
+            shares = {}
+            for name, tid in table.items():
+                total = per_task[tid].sum()
+                if total > 0:
+                    shares[name] = {f"e{e}": round(float(v / total), 4) for e, v in enumerate(per_task[tid])}
+            out[f"block{block}"] = shares
+        return out

@@ -59,6 +59,15 @@ def test_every_task_builds_and_trains_one_step(name, data_dir):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.decoder.parameters()))
 
 
+@pytest.mark.parametrize("name", sorted(t.name for t in list_tasks()))
+def test_a_users_inputs_are_laid_out_as_encode_lays_out_a_sample(name, data_dir):
+    """`predict` builds its input with `segments_for`: the same segments, in the same order."""
+    task = get_task(name)
+    example = task.encode(load_split(task, "test", data_dir, 1234)[0])
+    laid_out = task.segments_for(dict(example.segments))
+    assert [(m, id(raw)) for m, raw in laid_out] == [(m, id(raw)) for m, raw in example.segments]
+
+
 @pytest.mark.parametrize("name", MEDIA_TASKS)
 def test_test_samples_come_from_held_out_banks(name, data_dir):
     """Every sample points into its own split's bank, whose items training never sees."""

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from pathways_mm.metrics import EvalRow, edit_distance, format_table, score
+from pathways_mm.metrics import EvalRow, edit_distance, format_table, sample_metrics, score
 from pathways_mm.tasks import get_task
-from pathways_mm.training.evaluate import _shard
+from pathways_mm.training.evaluate import _shard, prediction
 
 
 def row(i, nll=1.0, ntok=2, nbytes=4, gen="7", target="7", group=None):
@@ -67,3 +67,29 @@ def test_edit_distance(a, b, d):
 def test_table_lists_metric_and_chance():
     table = format_table({"text_arith": {"n": 3, "exact_match": 0.5, "chance": {"exact_match": 0.1}}})
     assert "text_arith" in table and "0.500" in table and "0.100" in table
+
+
+def test_per_sample_metrics_pool_into_the_task_metrics():
+    """eval --predictions: each sample's own metrics; exact match and loss average to the corpus values."""
+    task = get_task("image_speech_same")
+    rows = [
+        row(0, gen="7 3 no", target="7 3 no"),
+        row(1, gen="1 3 no", target="7 3 no"),
+        row(2, gen="7 7", target="7 7 yes"),
+    ]
+    per = [sample_metrics(r, task.metrics, task.final_answer) for r in rows]
+    assert [p["exact_match"] for p in per] == [1.0, 1.0, 0.0]  # the answer is scored, not the scratchpad
+    pooled = score(rows, task.metrics, task.final_answer)
+    assert sum(p["exact_match"] for p in per) / 3 == pytest.approx(pooled["exact_match"])
+    speech = get_task("speech_numbers")
+    assert sample_metrics(row(0, gen="3140", target="314"), speech.metrics)["char_error_rate"] == pytest.approx(1 / 3)
+    lm = sample_metrics(row(0, nll=2.0, ntok=1, nbytes=4, gen=None), get_task("text_lm").metrics)
+    assert lm == {"loss": 2.0, "bits_per_byte": pytest.approx(2.0 / math.log(2) / 4)}
+    record = prediction(task, rows[1], "test")
+    assert record == {
+        "key": "test[1]",
+        "task": "image_speech_same",
+        "target": "7 3 no",
+        "output": "1 3 no",
+        "metrics": per[1],
+    }
