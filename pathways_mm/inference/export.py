@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process
+from pathways_mm.config import ExperimentConfig, check_range, config_from_dict, data_root, one_process
 from pathways_mm.data.collate import collate, prompt_only
 from pathways_mm.data.datasets import encode, load_split
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text
+from pathways_mm.io import atomic_write_text, atomic_writer, load_json, output_dir
 from pathways_mm.model.adapters import is_adapter
 from pathways_mm.model.generate import greedy_generate, target_logits
 from pathways_mm.model.model import PathwaysModel, build_model
@@ -37,7 +37,7 @@ from pathways_mm.routing import moe_layers
 from pathways_mm.routing.pathways import restrict_experts
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import engine as ds_engine
-from pathways_mm.tasks import Task, get_task
+from pathways_mm.tasks import Task, ensure_loaded
 from pathways_mm.training.routes import expert_counts
 
 INFO = "export.json"
@@ -121,10 +121,18 @@ def _parity(full: tuple[list, list], sub: tuple[list, list], num_samples: int) -
     }
 
 
-def run_export(source: str, task_name: str, out: str, max_samples: int | None = None) -> dict[str, Any]:
-    """Cut `task_name`'s sub-network out of a checkpoint, check parity, write DIR; returns export.json."""
+def run_export(
+    source: str, task_name: str, out: str, max_samples: int | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Cut `task_name`'s sub-network out of a checkpoint, check parity, write DIR; returns export.json.
+
+    overrides: the user's --set values (nested), e.g. the plugins that register the task.
+    """
+    check_range("eval.max_samples", max_samples, "--max-samples")
+    out_dir = output_dir(out, "--out", empty=True)
     tok = load_tokenizer()
-    tag_dir, meta, cfg = ckpt.open_checkpoint(source, tok)
+    opened = ckpt.open_checkpoint(source, tok, overrides)
+    tag_dir, meta, cfg = opened
     cfg = one_process(cfg)
     table = meta["task_table"]
     if task_name not in table:
@@ -133,10 +141,8 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
         )
     if not cfg.model.moe.num_experts:
         raise ConfigError(f"{tag_dir} is a dense model: there are no experts to cut (export needs MoE layers)")
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"--out {out_dir} exists and is not empty; choose a new directory")
-    task, tid = get_task(task_name), table[task_name]
+    ensure_loaded(cfg.plugins)  # the user's (--set plugins=[...]); a checkpoint never names them
+    (task,), tid = ckpt.checkpoint_tasks(opened, [task_name]), table[task_name]
     model = build_model(cfg.model, tok.vocab_size)
     ckpt.load_weights(model, ckpt.load_full_state(tag_dir), tag_dir)
     model.to(ds_engine.device()).eval()
@@ -174,7 +180,8 @@ def run_export(source: str, task_name: str, out: str, max_samples: int | None = 
             f"(max |diff| {parity['max_abs_diff']:.3g}); nothing was written"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(sub.state_dict(), out_dir / WEIGHTS)
+    with atomic_writer(out_dir / WEIGHTS, "wb") as f:
+        torch.save(sub.state_dict(), f)
     atomic_write_text(out_dir / INFO, json.dumps(info, indent=2))
     print(format_export(info), file=sys.stderr)
     print(f"pathways-mm: wrote {out_dir / WEIGHTS} and {out_dir / INFO}", file=sys.stderr)
@@ -200,10 +207,9 @@ def format_export(info: dict[str, Any]) -> str:
 def load_export(path: str | Path) -> tuple[PathwaysModel, dict[str, Any]]:
     """The exported sub-network (on the CPU, eval mode) and its export.json."""
     d = Path(path)
-    try:
-        info = json.loads((d / INFO).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{d}: not a pathways-mm export ({INFO}: {e})") from None
+    info = load_json(d / INFO, "pathways-mm export description")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise ConfigError(f"{d / INFO}: not a pathways-mm export (no config)")
     cfg = config_from_dict(info["config"])
     tok = load_tokenizer()
     if info.get("tokenizer_hash") != tok.hash:

@@ -6,10 +6,14 @@ evaluation and the tools that load a model call it (checkpoints: `runtime.checkp
 
 from __future__ import annotations
 
-import json
+import contextlib
+import copy
+import io
 import math
 import os
 import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,23 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from pathways_mm.config import ExperimentConfig, resolve_relative
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import existing
+from pathways_mm.io import existing, load_json
 from pathways_mm.runtime import compat
+
+# What `train.ds_config: null` (the default) means, wherever the experiment file lives: float32,
+# ZeRO stage 0, AdamW (configs/ds/cpu.json holds the same; gpu_bf16*.json add bf16 and ZeRO).
+BUILTIN_DS: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "steps_per_print": 1_000_000,
+    "wall_clock_breakdown": False,
+    "zero_optimization": {"stage": 0},
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": "auto", "torch_adam": True},
+    },
+}
 
 
 def free_port() -> int:
@@ -55,11 +74,28 @@ def init_distributed(threads: int = 0) -> tuple[int, int]:
     elif threads:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        with _quiet():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         _unlink_shm_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back what DeepSpeed prints while it starts ("... shm_comm_op built successfully", on
+    stdout among a command's results); shown if start-up fails, or always with PMM_VERBOSE=1."""
+    if os.environ.get("PMM_VERBOSE"):
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        sys.stdout.write(held.getvalue())
+        raise
 
 
 def _unlink_shm_buffer() -> None:
@@ -104,15 +140,17 @@ def _fill(node: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON named by `train.ds_config`, with "auto" values filled from `cfg`."""
-    path = resolve_relative(cfg, cfg.train.ds_config)
-    existing(
-        path, "train.ds_config: DeepSpeed config", "set train.ds_config to a JSON file such as configs/ds/cpu.json"
-    )
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    """The DeepSpeed JSON named by `train.ds_config` (BUILTIN_DS when null), with "auto" values filled from `cfg`."""
+    if cfg.train.ds_config is None:
+        path, ds = Path("train.ds_config"), copy.deepcopy(BUILTIN_DS)
+    else:
+        path = resolve_relative(cfg, cfg.train.ds_config)
+        existing(
+            path, "train.ds_config: DeepSpeed config", "set train.ds_config to a JSON file such as configs/ds/cpu.json"
+        )
+        ds = load_json(path, "DeepSpeed config")
+        if not isinstance(ds, dict):
+            raise ConfigError(f"{path}: a DeepSpeed config is a JSON object")
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.train.micro_batch_size, path.name)
     _fill(ds, "gradient_accumulation_steps", cfg.train.grad_accum, path.name)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
