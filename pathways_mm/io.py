@@ -131,7 +131,7 @@ def describe_os_error(e: OSError) -> str:
     """A file-system error in one line: what failed, on which path, and what to change."""
     name = e.filename if e.filename is not None else "a file"
     if e.errno in NO_SPACE:
-        return f"no space left to write {name}: free disk space (or raise the quota) and run again"
+        return f"no room to write {name} ({e.strerror}): free disk space (or raise the quota) and run again"
     if e.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied: {name}; choose a path you can write to (or fix its permissions)"
     if e.errno == errno.EROFS:

@@ -114,7 +114,7 @@ def encode(task: Task, sample: Any) -> MultimodalExample:
         ex = task.encode(sample)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise ConfigError(
-            f"task '{task.name}': cannot encode sample {str(sample)[:80]!r} ({type(e).__name__}: {e}); "
+            f"task '{task.name}': cannot encode sample {shorten(sample)} ({type(e).__name__}: {clip(str(e), 120)}); "
             f"if it came from the dataset cache under {task.name}/, delete that file to rebuild it"
         ) from None
     _check_example(ex, task.name)
@@ -131,5 +131,5 @@ def _check_example(ex: Any, where: str) -> None:
     if not ok:
         raise ConfigError(
             f"task '{where}': encode must return MultimodalExample(segments=((modality, raw), ...), target_text=str), "
-            f"got {str(ex)[:120]}"
+            f"got {shorten(ex)}"
         )

@@ -49,9 +49,8 @@ def test_a_failed_write_names_the_file_and_leaves_the_old_one(tmp_path, monkeypa
         atomic_write_text(path, "new")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
-    assert (
-        describe_os_error(e.value)
-        == f"no space left to write {path}: free disk space (or raise the quota) and run again"
+    assert describe_os_error(e.value) == (
+        f"no room to write {path} (No space left on device): free disk space (or raise the quota) and run again"
     )
 
 
