@@ -156,6 +156,17 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return on_rank_zero(go)
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from pathways_mm.studies.ablate import run_ablation
+
+    def go() -> None:
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out_dir) if args.out_dir else Path("runs") / f"ablate-{cfg.name}"
+        run_ablation(cfg, args.seeds, out, tuple(args.variant), say=lambda s: print(s, file=sys.stderr))
+
+    return run_guarded(go)
+
+
 def cmd_routes(args: argparse.Namespace) -> int:
     from pathways_mm.viz.draw import draw
 
@@ -291,6 +302,16 @@ def _add_continual(sub) -> None:
     c.set_defaults(func=cmd_continual)
 
 
+def _add_ablate(sub) -> None:
+    a = sub.add_parser("ablate", help="what multi-task training, sparsity and task-specific pathways each buy")
+    a.add_argument("config", help="experiment YAML, e.g. configs/experiments/demo.yaml (its routing is the new one)")
+    a.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    a.add_argument("--variant", action="append", default=[], metavar="NAME", help="only this variant (repeatable)")
+    a.add_argument("--out-dir", help="results folder (default: runs/ablate-NAME); rerun to continue")
+    _add_set(a)
+    a.set_defaults(func=cmd_ablate)
+
+
 def _add_routes_and_tasks(sub) -> None:
     r = sub.add_parser("routes", help="draw a routes file: heatmaps, pathways, reuse, routes.html")
     r.add_argument("routes", help="routes JSON from `pathways-mm eval RUN --routes OUT.json`")
@@ -345,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_add_task,
         _add_export,
         _add_continual,
+        _add_ablate,
         _add_routes_and_tasks,
         _add_bench,
     ):

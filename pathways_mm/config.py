@@ -33,7 +33,16 @@ class MoEConfig:
     eval_capacity_factor: float | None = None  # null = same as capacity_factor
     impl: str = "grouped"  # "grouped" (dropless, grouped GEMM) or "deepspeed"
     ep_size: int = 1
+    # Load balance: "per_task" spreads every task over all experts (a Switch loss per task, averaged),
+    # which works against task-specific pathways; "global" balances the experts over all tokens
+    # and lets each task concentrate (pair it with mi_coef).
+    balance: str = "per_task"
     balance_coef: float = 0.01
+    # Mod-Squad's mutual-information loss, -I(task; expert) of each batch's router probabilities:
+    # balanced experts overall, few experts per task. 0 = off.
+    mi_coef: float = 0.0
+    # False: plain token routing, the learned per-task prior left out of the router's logits.
+    task_prior: bool = True
     z_loss_coef: float = 0.001
     router_jitter: float = 0.0
     debug_route_to: int | None = None  # _debug_: send every token to this expert (tests)
@@ -42,6 +51,15 @@ class MoEConfig:
     # The router scores each block with its own matmul, so growing a layer leaves the old
     # experts' logits bit-identical.
     expert_groups: dict[str, int] = field(default_factory=dict)
+    # Hard pathways late in training: over the `mask_window` training forwards (micro-batches)
+    # that end with forward `mask_step`, count each task's routes, then allow each task only the
+    # fewest experts that carried `mask_mass` of them (at least top_k, at most mask_max_experts;
+    # null = num_experts // 2). The forwards after mask_step train inside the masks, and an
+    # exported task keeps only its allowed experts. mask_mass 0 = off.
+    mask_mass: float = 0.0
+    mask_step: int = 0
+    mask_window: int = 100
+    mask_max_experts: int | None = None
 
 
 # How a layer runs or trains, not what a trained layer computes: a checkpoint loads whatever
@@ -53,8 +71,13 @@ MOE_RUNTIME_KEYS = (
     "ep_size",
     "debug_route_to",
     "router_jitter",
+    "balance",
     "balance_coef",
+    "mi_coef",
     "z_loss_coef",
+    "mask_step",
+    "mask_window",
+    "mask_max_experts",
 )
 
 
@@ -421,6 +444,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.moe.eval_capacity_factor": (0, 1e4),
     "model.moe.balance_coef": (0, 1e3),
     "model.moe.z_loss_coef": (0, 1e3),
+    "model.moe.mi_coef": (0, 1e3),
+    "model.moe.mask_mass": (0, 1),
+    "model.moe.mask_step": (0, _MANY),
+    "model.moe.mask_window": (1, _MANY),
+    "model.moe.mask_max_experts": (1, 4096),
     "model.moe.router_jitter": (0, 1),
     "model.vision.image_size": (1, 4096),
     "model.vision.patch_size": (1, 4096),
@@ -535,10 +563,30 @@ def _validate_moe(e: MoEConfig) -> None:
         raise ConfigError(
             f"model.moe.num_experts ({e.num_experts}) must be divisible by model.moe.ep_size ({e.ep_size})"
         )
+    if e.balance not in ("per_task", "global"):
+        raise ConfigError(f"model.moe.balance: {shorten(e.balance)} is not 'per_task' or 'global'")
+    _validate_masks(e)
     if e.expert_groups and (sum(e.expert_groups.values()) != e.num_experts or min(e.expert_groups.values()) < 1):
         raise ConfigError(
             f"model.moe.expert_groups {e.expert_groups} must be positive counts summing to num_experts "
             f"({e.num_experts}); leave it empty for one block"
+        )
+
+
+def _validate_masks(e: MoEConfig) -> None:
+    if not 0 <= e.mask_mass <= 1:
+        raise ConfigError(f"model.moe.mask_mass must be within [0, 1] (0 = off), got {e.mask_mass}")
+    if e.mask_mass == 0:
+        return
+    if not 1 <= e.mask_window <= e.mask_step:
+        raise ConfigError(
+            f"model.moe.mask_window ({e.mask_window}) must be between 1 and model.moe.mask_step ({e.mask_step}): "
+            "the training forwards whose routes decide each task's experts"
+        )
+    most = e.num_experts // 2 if e.mask_max_experts is None else e.mask_max_experts
+    if not e.top_k <= most <= e.num_experts:
+        raise ConfigError(
+            f"model.moe.mask_max_experts ({most}) must be between top_k ({e.top_k}) and num_experts ({e.num_experts})"
         )
 
 

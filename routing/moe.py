@@ -8,7 +8,7 @@ Shape suffixes: B batch, L positions, D d_model, T tokens (B*L).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import deepspeed
 import torch
@@ -23,22 +23,14 @@ from pathways_mm.routing.experts import GroupedExperts
 from pathways_mm.routing.router import RouterOutput, TaskRouter
 
 IMPLS = ("grouped", "deepspeed")
-# MoEConfig keys that are PathwaysMoE keyword arguments of the same name.
-LAYER_KEYS = (
-    "ep_size",
-    "impl",
-    "capacity_factor",
-    "eval_capacity_factor",
-    "balance_coef",
-    "z_loss_coef",
-    "router_jitter",
-    "debug_route_to",
-)
+# MoEConfig keys that are keyword arguments of the same name: of PathwaysMoE, of its TaskRouter.
+LAYER_KEYS = ("ep_size", "impl", "capacity_factor", "eval_capacity_factor", "balance_coef", "mi_coef", "z_loss_coef")
+ROUTER_KEYS = ("balance", "task_prior", "debug_route_to", "mask_mass", "mask_step", "mask_window", "mask_max_experts")
 
 
 class MoEOutput(NamedTuple):
     out: torch.Tensor  # [B, L, D]
-    aux_loss: torch.Tensor  # balance_coef * balance + z_loss_coef * z
+    aux_loss: torch.Tensor  # balance_coef * balance + mi_coef * mi + z_loss_coef * z
     route: RouterOutput
     num_dropped: torch.Tensor  # scalar, routes over capacity (always 0 on the dropless path)
 
@@ -79,12 +71,13 @@ class PathwaysMoE(MoE):
         eval_capacity_factor: float | None = None,
         min_capacity: int = 4,
         balance_coef: float = 0.01,
+        mi_coef: float = 0.0,
         z_loss_coef: float = 0.001,
-        router_jitter: float = 0.0,
-        debug_route_to: int | None = None,
         use_grouped_mm: bool | None = None,
-        expert_groups: tuple[int, ...] = (),
+        **router: Any,
     ):
+        """router: the TaskRouter's keyword arguments (balance, task_prior, jitter, debug_route_to,
+        groups, mask_mass, mask_step, mask_window, mask_max_experts)."""
         # MoE.__init__ is skipped on purpose: it builds DeepSpeed's TopKGate and deep-copied Experts,
         # which this layer replaces. The attributes DeepSpeed's engine reads are set here instead.
         nn.Module.__init__(self)
@@ -101,16 +94,8 @@ class PathwaysMoE(MoE):
         self.num_local_experts = num_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
-        self.balance_coef, self.z_loss_coef = balance_coef, z_loss_coef
-        gate = TaskRouter(
-            d_model,
-            num_experts,
-            max_tasks,
-            top_k,
-            jitter=router_jitter,
-            debug_route_to=debug_route_to,
-            groups=expert_groups,
-        )
+        self.balance_coef, self.mi_coef, self.z_loss_coef = balance_coef, mi_coef, z_loss_coef
+        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, **router)
         experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name, use_grouped_mm)
         self.deepspeed_moe = _MoEParts(gate, experts)
         self.dispatcher: Dispatcher = (
@@ -123,9 +108,10 @@ class PathwaysMoE(MoE):
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> PathwaysMoE:
         m = cfg.moe
-        d_ff, groups = m.expert_d_ff or cfg.d_ff, tuple(m.expert_groups.values())
         layer = {k: getattr(m, k) for k in LAYER_KEYS}
-        return cls(cfg.d_model, d_ff, m.num_experts, cfg.max_tasks, m.top_k, expert_groups=groups, **layer)
+        router = {k: getattr(m, k) for k in ROUTER_KEYS}
+        router.update(jitter=m.router_jitter, groups=tuple(m.expert_groups.values()))
+        return cls(cfg.d_model, m.expert_d_ff or cfg.d_ff, m.num_experts, cfg.max_tasks, m.top_k, **layer, **router)
 
     @property
     def router(self) -> TaskRouter:
@@ -153,8 +139,8 @@ class PathwaysMoE(MoE):
             self.set_deepspeed_parallelism()
         return self.deepspeed_moe.ep_group
 
-    def route(self, x_TD: torch.Tensor, task_T: torch.Tensor) -> RouterOutput:
-        return self.router(x_TD, task_T)
+    def route(self, x_TD: torch.Tensor, task_T: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
+        return self.router(x_TD, task_T, valid_T)
 
     def dispatch(self, x_TD: torch.Tensor, route: RouterOutput) -> tuple[torch.Tensor, DispatchPlan]:
         return self.dispatcher.dispatch(x_TD, route, self._group(), self.training)
@@ -168,17 +154,19 @@ class PathwaysMoE(MoE):
     def forward(  # type: ignore[override]
         self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor, modality_ids_BL: torch.Tensor | None = None
     ) -> MoEOutput:
-        """modality_ids_BL: index into MODALITIES per position, -1 at padding (for route telemetry
-        only; None = every position is text)."""
+        """modality_ids_BL: index into MODALITIES per position, -1 at padding (route telemetry, the
+        global balance and the MI loss leave padding out; None = every position is text)."""
         x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
         task_T = task_ids_BL.reshape(-1)
-        route = self.route(x_TD, task_T)
-        x_local, plan = self.dispatch(x_TD, route)
         modality_T = None if modality_ids_BL is None else modality_ids_BL.reshape(-1)
+        route = self.route(x_TD, task_T, None if modality_T is None else modality_T >= 0)
+        x_local, plan = self.dispatch(x_TD, route)
         telemetry.record(self, route.indices_TK, route.probs_TE, task_T, modality_T, plan.dropped_TK)
         y_local = self.compute(x_local, plan)
         out_TD = self.combine(y_local, plan, route)
         aux = self.balance_coef * route.balance_loss + self.z_loss_coef * route.z_loss
+        if self.mi_coef:  # skipped at 0, so a model without it trains bit for bit as before
+            aux = aux + self.mi_coef * route.mi_loss
         return MoEOutput(out_TD.view_as(x_BLD), aux, route, plan.num_dropped)
 
 

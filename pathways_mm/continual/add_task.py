@@ -47,6 +47,7 @@ from pathways_mm.model.generate import target_logits
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.routing import moe_layers
 from pathways_mm.routing.pathways import to_local
+from pathways_mm.routing.router import fewest_covering
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import compat
 from pathways_mm.runtime import engine as ds_engine
@@ -133,9 +134,9 @@ class AddTaskHooks(Hooks):
     def _samples(self, task: Task, split: str, n: int) -> list[Any]:
         return list(load_split(task, split, data_root(self.cfg), self.cfg.data.seed)[:n])
 
-    def _closest(self, full: dict[str, torch.Tensor]) -> tuple[int, dict[str, list[int]], dict[str, float]]:
-        """The old pathway with the lowest loss on the new task's training samples, and per MoE
-        layer the old experts it sends those tokens to, most used first (on a one-process copy)."""
+    def _closest(self, full: dict[str, torch.Tensor]) -> tuple[int, dict, dict[str, float], dict]:
+        """On a one-process copy: the old task under whose embedding the new task's training samples
+        have the lowest loss, and per MoE layer the experts those samples prefer (`_preferred`)."""
         model = build_model(one_process(self.old_cfg).model, self.tok.vocab_size)
         ckpt.load_weights(model, full, self.tag_dir)
         model.to(ds_engine.device()).eval()
@@ -146,21 +147,39 @@ class AddTaskHooks(Hooks):
             for tid, old in enumerate(self.old_cfg.tasks):
                 batch = probe_batch(task, tid, samples, self.cfg, self.tok).to(ds_engine.device())
                 losses[old] = forward_loss(model, batch).lm_loss.item()
-            closest = self.old_cfg.tasks.index(min(losses, key=losses.get))
-            batch = probe_batch(task, closest, samples, self.cfg, self.tok).to(ds_engine.device())
-            counts = expert_counts(model, lambda: model(batch))  # [layers, tasks, experts]
-        per_expert = counts.sum(1)
-        seeds = {
-            name: torch.argsort(per_expert[i], descending=True, stable=True).tolist()
-            for i, (name, _) in enumerate(moe_layers(model))
-        }
-        return closest, seeds, losses
+        closest = self.old_cfg.tasks.index(min(losses, key=losses.get))
+        seeds, start = self._preferred(model, probe_batch(task, closest, samples, self.cfg, self.tok), closest)
+        return closest, seeds, losses, start
+
+    def _preferred(self, model, batch, closest: int) -> tuple[dict[str, list[int]], dict]:
+        """Where the new task's tokens go under plain token routing (the closest task's embedding,
+        no prior, every old expert allowed): per layer the experts by use, and the new pathway's
+        start: a prior of centred log route shares and, if the model keeps hard pathways
+        (mask_mass > 0), only the fewest experts carrying mask_mass of those routes."""
+        layers = moe_layers(model)
+        with torch.no_grad():
+            for _, layer in layers:  # `model` is a scratch copy: the closest task's row may change
+                layer.router.pathway[closest] = 0.0
+                layer.router.allowed[closest] = True
+            counts_LE = expert_counts(model, lambda: model(batch.to(ds_engine.device())))[:, closest].double()
+        moe = self.old_cfg.model.moe
+        seeds, start = {}, {}
+        for i, (name, _) in enumerate(layers):
+            share_E = (counts_LE[i] + 1) / (counts_LE[i].sum() + counts_LE.shape[1])
+            prior_E = (share_E.log() - share_E.log().mean()).float()
+            allowed_E = torch.ones(counts_LE.shape[1], dtype=torch.bool)
+            if moe.mask_mass > 0:
+                most = moe.num_experts // 2 if moe.mask_max_experts is None else moe.mask_max_experts
+                allowed_E = fewest_covering(counts_LE[i][None], allowed_E[None], moe.mask_mass, moe.top_k, most)[0]
+            seeds[name] = torch.argsort(counts_LE[i], descending=True, stable=True).tolist()
+            start[name] = (prior_E, allowed_E)
+        return seeds, start
 
     def model_built(self, model, rank: int, world: int) -> None:
         full = ckpt.load_full_state(self.tag_dir)
-        closest, seeds, losses = dist.broadcast(self._closest(full))  # every rank must grow the same way
+        closest, seeds, losses, start = dist.broadcast(self._closest(full))  # every rank must grow the same way
         layers = [name for name, _ in moe_layers(model)]
-        grown, growth = surgery.grow(full, layers, self.num_old_experts, self.grow, self.new_tid, closest, seeds)
+        grown, growth = surgery.grow(full, layers, self.num_old_experts, self.grow, self.new_tid, closest, seeds, start)
         grown = surgery.with_adapters(grown, model.state_dict())
         self.ep_rank = rank % self.cfg.model.moe.ep_size
         ckpt.load_weights(model, to_local(grown, model, self.ep_rank), self.tag_dir)
@@ -170,6 +189,7 @@ class AddTaskHooks(Hooks):
             closest_losses={k: round(v, 4) for k, v in losses.items()},
             new_experts=growth.new_experts,
             copied_from=growth.copied_from,
+            start_experts={name: torch.nonzero(allowed).flatten().tolist() for name, (_, allowed) in start.items()},
         )
         adapters = self.cfg.model.adapter_tasks
         slot = adapters.index(self.new_tid) if self.new_tid in adapters else None
@@ -366,6 +386,7 @@ def build_report(
         "closest_task": hooks.info["closest"],
         "closest_losses": hooks.info["closest_losses"],
         "new_experts": hooks.info["new_experts"],
+        "start_experts": hooks.info["start_experts"],
         "old_outputs_bit_identical": hooks.info["old_outputs_bit_identical"],
         "old_tasks": old_rows,
         "new_task": {m: new[m] for m in new["chance"]} | {"chance": new["chance"], "n": new["n"]},
@@ -378,10 +399,16 @@ def build_report(
     }
 
 
+def _block(layer: str) -> str:
+    """`decoder.blocks.3.ffn` -> `3`."""
+    return layer.split("blocks.")[-1].split(".")[0]
+
+
 def format_report(r: dict[str, Any]) -> str:
+    start = "; ".join(f"block {_block(n)}: {e}" for n, e in r.get("start_experts", {}).items())
     lines = [
         f"add-task {r['task']} ({r['mode']}, {r['steps']} steps, --grow-experts {r['grow_experts']}); "
-        f"pathway started from '{r['closest_task']}'"
+        f"task embedding from '{r['closest_task']}', pathway from the experts its data prefers ({start})"
     ]
     lines.append(f"{'old task':<20} {'metric':<16} {'before':>8} {'after':>8} {'change':>8}")
     for name, metrics in r["old_tasks"].items():

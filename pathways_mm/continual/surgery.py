@@ -33,14 +33,16 @@ def grow(
     task_id: int,
     closest: int,
     seed_experts: dict[str, list[int]],
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Growth]:
     """Give a model a pathway for a new task, and optionally `grow_by` experts only it may use.
 
-    full: the old model's state with global expert ids. The new task's pathway starts as a
-    copy of task `closest`'s: its prior row, its allowed experts, its task embedding. Each new
-    expert j of a layer starts as a copy of old expert `seed_experts[layer][j]` (the experts
-    the closest pathway sent the new task's tokens to most), router row and prior included,
-    so the new task begins where the closest task's pathway would put it and then specialises.
+    full: the old model's state with global expert ids. The new task's task embedding starts as
+    a copy of task `closest`'s; its pathway (prior row, allowed experts) as `start[layer]` where
+    given (the experts its own data prefers), else as a copy of the closest task's. Each new
+    expert j of a layer starts as a copy of old expert `seed_experts[layer][j]` (the experts the
+    new task's tokens went to most), router row and prior included, so the new task begins where
+    its data would route and then specialises.
     Old tasks may not route to new experts (allowed = False), so their outputs do not change.
     """
     new = dict(full)
@@ -57,11 +59,13 @@ def grow(
         seeds += [seeds[-1] if seeds else 0] * (grow_by - len(seeds))
         copied[layer] = seeds
         prior, allowed = prior.clone(), allowed.clone()
-        prior[task_id], allowed[task_id] = prior[closest], allowed[closest]
+        prior[task_id], allowed[task_id] = (
+            start[layer] if start and layer in start else (prior[closest], allowed[closest])
+        )
         if grow_by:
             wg = torch.cat([wg, wg[seeds]])
             new_prior = torch.zeros(prior.shape[0], grow_by, dtype=prior.dtype)
-            new_prior[task_id] = prior[closest, seeds]
+            new_prior[task_id] = prior[task_id, seeds]
             prior = torch.cat([prior, new_prior], dim=1)
             new_allowed = torch.zeros(allowed.shape[0], grow_by, dtype=allowed.dtype)
             new_allowed[task_id] = True

@@ -44,8 +44,13 @@ def load_tasks(cfg: ExperimentConfig) -> TaskSet:
 
 
 def make_sampler(cfg: ExperimentConfig, ts: TaskSet) -> MixtureSampler:
+    """The run's sampler; the stream of samples it walks is laid out over this many ranks and micro-steps."""
     weights = [cfg.mixture.weights.get(t.name, 1.0) for t in ts.tasks]
-    return MixtureSampler([len(s) for s in ts.train], cfg.mixture.temperature, cfg.seed, weights)
+    sizes = [len(s) for s in ts.train]
+    world = dist.rank_world()[1]
+    return MixtureSampler(
+        sizes, cfg.mixture.temperature, cfg.seed, weights, micro_batches=cfg.train.grad_accum, world=world
+    )
 
 
 def train_batch(

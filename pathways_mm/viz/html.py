@@ -19,9 +19,9 @@ import numpy as np
 
 from pathways_mm.io import atomic_write_text
 from pathways_mm.viz.style import DELTA_CMAP, MODALITY_COLORS, SHARE_CMAP, cmap_hex, task_color
-from pathways_mm.viz.views import Comparison, Views
+from pathways_mm.viz.views import Comparison, Views, mi_label
 
-CELL, LABEL_W, TOP = 30, 170, 34
+CELL, MIN_LABEL_W, CHAR_W, TOP = 30, 60, 6.8, 34
 
 _CSS = """
 body{font:14px system-ui,sans-serif;margin:0;color:#222}
@@ -56,6 +56,15 @@ _JS = """
       if (tip.style.display === 'block' && tip.textContent === el.getAttribute('data-tip')) ok++;
     });
     document.body.setAttribute('data-hover', ok + '/' + items.length);
+    var clipped = 0;  // text drawn past its picture's left or top edge (a name cut off)
+    document.querySelectorAll('svg').forEach(function (svg) {
+      var box = svg.getBoundingClientRect();
+      svg.querySelectorAll('text').forEach(function (t) {
+        var r = t.getBoundingClientRect();
+        if (r.left < box.left - 0.5 || r.top < box.top - 0.5) clipped++;
+      });
+    });
+    document.body.setAttribute('data-clipped', String(clipped));
   }
   var data = JSON.parse(document.getElementById('routes-data').textContent);
   var views = document.querySelectorAll('section.view');
@@ -93,30 +102,32 @@ def svg_heatmap(
 ) -> str:
     """A heatmap; `light(value)` says where the number on a cell must be white (dark colour)."""
     R, C = values_RC.shape
+    # wide enough for the longest row label (11px text is ~6.6px a character): no name is clipped
+    label_w = max(MIN_LABEL_W, 12 + int(CHAR_W * max(map(len, rows), default=0)))
     slant = max(map(len, cols), default=0) > 3  # long column names (tasks) go up at 45 degrees
     top = TOP + (6 * max(map(len, cols)) if slant else 0)
     w, h = (
-        max(LABEL_W + C * CELL + (6 * max(map(len, cols)) if slant else 0), LABEL_W + 7 * len(title)) + 10,
+        max(label_w + C * CELL + (6 * max(map(len, cols)) if slant else 0), label_w + 7 * len(title)) + 10,
         top + R * CELL + 10,
     )
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
-        f'<text x="{LABEL_W}" y="14">{_e(title)}</text>',
+        f'<text x="{label_w}" y="14">{_e(title)}</text>',
     ]
     for j, c in enumerate(cols):
-        x = LABEL_W + j * CELL + CELL / 2
+        x = label_w + j * CELL + CELL / 2
         turn = f' transform="rotate(-45 {x} {top - 4})" text-anchor="start"' if slant else ' text-anchor="middle"'
         out.append(f'<text x="{x}" y="{top - 4}"{turn}>{_e(c)}</text>')
     for i, r in enumerate(rows):
         y = top + i * CELL
-        out.append(f'<text x="{LABEL_W - 6}" y="{y + CELL / 2 + 4}" text-anchor="end">{_e(r)}</text>')
+        out.append(f'<text x="{label_w - 6}" y="{y + CELL / 2 + 4}" text-anchor="end">{_e(r)}</text>')
         for j in range(C):
             v = float(values_RC[i, j])
-            out.append(_rect(LABEL_W + j * CELL, y, CELL - 1, CELL - 1, color(v), tip(i, j, v)))
+            out.append(_rect(label_w + j * CELL, y, CELL - 1, CELL - 1, color(v), tip(i, j, v)))
             if np.isfinite(v) and R * C <= 400:
                 fill = "#fff" if light(v) else "#000"  # style, not the fill attribute: the page's CSS would win
                 out.append(
-                    f'<text x="{LABEL_W + j * CELL + CELL / 2}" y="{y + CELL / 2 + 4}" text-anchor="middle" '
+                    f'<text x="{label_w + j * CELL + CELL / 2}" y="{y + CELL / 2 + 4}" text-anchor="middle" '
                     f'style="fill:{fill};font-size:9px;pointer-events:none">{_fmt(v, sign)[: 5 if sign else 4]}</text>'
                 )
     out.append("</svg>")
@@ -124,67 +135,55 @@ def svg_heatmap(
 
 
 def svg_pathways(v: Views) -> str:
+    """Small multiples: one panel per task, its route share on every (layer, expert) as the node's
+    area, its main experts ringed and linked layer to layer with the flow's width."""
     L, E = len(v.layers), v.layers[0].share_TE.shape[1]
-    gx, gy, x0, y0 = 150, 26, 80, 40
-    w, h = x0 + (L - 1) * gx + 200, y0 + E * gy + 20
+    gx, gy, x0, y0 = 64, 17, 58, 34
+    w, h = x0 + (L - 1) * gx + 24, y0 + E * gy + 6
     X = lambda li: x0 + li * gx  # noqa: E731
     Y = lambda e: y0 + e * gy  # noqa: E731
-    n = max(len(v.tasks), 1)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">']
-    for li, lv in enumerate(v.layers):
-        out.append(f'<text x="{X(li)}" y="20" text-anchor="middle">block {lv.block}</text>')
-    for e in range(E):
-        out.append(f'<text x="{x0 - 30}" y="{Y(e) + 4}" text-anchor="end">expert {e}</text>')
-    for i, (task, per_layer) in enumerate(v.pathways.items()):
-        dy, col = (i - (n - 1) / 2) * 3, task_color(i)
+    panels = []
+    for i, task in enumerate(v.tasks):
+        col, per_layer = task_color(i), v.pathways[task]
+        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" class="pathway">',
+               f'<text x="4" y="14" style="font-weight:bold">{_e(task)}</text>']  # fmt: skip
+        for li, lv in enumerate(v.layers):
+            out.append(f'<text x="{X(li)}" y="{y0 - 8}" text-anchor="middle">b{lv.block}</text>')
+        for e in range(E):
+            out.append(f'<text x="{x0 - 14}" y="{Y(e) + 4}" text-anchor="end">e{e}</text>')
         for li in range(L - 1):
+            a_share, b_share = v.layers[li].share_TE[i], v.layers[li + 1].share_TE[i]
             for a in per_layer[li]:
                 for b in per_layer[li + 1]:
-                    tip = f"{task}: expert {a} (block {v.layers[li].block}) -> expert {b} (block {v.layers[li + 1].block})"
-                    out.append(
-                        f'<line x1="{X(li)}" y1="{Y(a) + dy}" x2="{X(li + 1)}" y2="{Y(b) + dy}" stroke="{col}" '
-                        f'stroke-width="2.5" stroke-opacity="0.8" data-tip="{_e(tip)}"><title>{_e(tip)}</title></line>'
-                    )
-    for li, lv in enumerate(v.layers):
-        for e in range(E):
-            users = v.shared_nodes.get((li, e), [t for t, p in v.pathways.items() if e in p[li]])
-            shares = "\n".join(f"{t}: {_fmt(lv.share_TE[v.tasks.index(t), e])}" for t in v.tasks)
-            tip = (
-                f"block {lv.block}, expert {e}"
-                + (f" (main expert of {', '.join(users)})" if users else "")
-                + "\n"
-                + shares
-            )
-            shared = len(users) > 1
-            fill = "#fff" if shared else (task_color(v.tasks.index(users[0])) if users else "#ccc")
-            out.append(
-                f'<circle cx="{X(li)}" cy="{Y(e)}" r="{9 if shared else 6}" fill="{fill}" '
-                f'stroke="{"#000" if shared else "none"}" stroke-width="2" data-tip="{_e(tip)}" '
-                f'class="{"shared" if shared else "node"}"><title>{_e(tip)}</title></circle>'
-            )
-            if shared:
-                out.append(
-                    f'<text x="{X(li)}" y="{Y(e) + 4}" text-anchor="middle" style="font-size:9px;pointer-events:none">'
-                    f"{len(users)}</text>"
-                )
-    lx = X(L - 1) + 40
-    for i, task in enumerate(v.tasks):
-        out.append(
-            f'<rect x="{lx}" y="{y0 + i * 18 - 8}" width="12" height="10" fill="{task_color(i)}"/>'
-            f'<text x="{lx + 18}" y="{y0 + i * 18 + 1}">{_e(task)}</text>'
-        )
-    out.append("</svg>")
-    return "".join(out)
+                    flow = float(np.sqrt(a_share[a] * b_share[b]))
+                    tip = f"{task}: expert {a} (block {v.layers[li].block}, share {_fmt(a_share[a])}) -> expert {b} (block {v.layers[li + 1].block}, share {_fmt(b_share[b])})"
+                    out.append(f'<line x1="{X(li)}" y1="{Y(a)}" x2="{X(li + 1)}" y2="{Y(b)}" stroke="{col}" '
+                               f'stroke-width="{1 + 10 * flow:.1f}" stroke-opacity="0.55" data-tip="{_e(tip)}">'
+                               f"<title>{_e(tip)}</title></line>")  # fmt: skip
+        for li, lv in enumerate(v.layers):
+            for e in range(E):
+                share = float(lv.share_TE[i, e])
+                main = e in per_layer[li]
+                others = [t for t in v.shared_nodes.get((li, e), []) if t != task]
+                tip = f"{task}, block {lv.block}, expert {e}: share {_fmt(share)}" + (
+                    f"\nalso a main expert of {', '.join(others)}" if others else "")  # fmt: skip
+                r = 1.5 + 7 * np.sqrt(share if np.isfinite(share) else 0.0)
+                out.append(f'<circle cx="{X(li)}" cy="{Y(e)}" r="{r:.1f}" fill="{col if main else "#bbb"}" '
+                           f'stroke="{"#000" if main else "none"}" stroke-width="{1.5 if others else 0.8}" '
+                           f'class="{"main" if main else "node"}" data-tip="{_e(tip)}"><title>{_e(tip)}</title></circle>')  # fmt: skip
+        out.append("</svg>")
+        panels.append("".join(out))
+    return '<div style="display:flex;flex-wrap:wrap;gap:6px">' + "".join(panels) + "</div>"
 
 
 def svg_modality(v: Views) -> str:
     E = v.layers[0].share_TE.shape[1]
-    bar_h, out = 110, []
+    bar_h, out, label_w = 110, [], 80
     for lv in v.layers:
-        w = LABEL_W + E * CELL + 10
+        w = label_w + E * CELL + 10
         parts = [
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{bar_h + 40}" role="img">',
-            f'<text x="{LABEL_W - 6}" y="{20 + bar_h / 2}" text-anchor="end">block {lv.block}</text>',
+            f'<text x="{label_w - 6}" y="{20 + bar_h / 2}" text-anchor="end">block {lv.block}</text>',
         ]
         for e in range(E):
             top = 20.0
@@ -193,9 +192,9 @@ def svg_modality(v: Views) -> str:
                 if np.isfinite(frac) and frac > 0:
                     hh = frac * bar_h
                     tip = f"block {lv.block}, expert {e}: {name} {_fmt(frac)} of its routes"
-                    parts.append(_rect(LABEL_W + e * CELL, top, CELL - 3, hh, MODALITY_COLORS[m % 3], tip))
+                    parts.append(_rect(label_w + e * CELL, top, CELL - 3, hh, MODALITY_COLORS[m % 3], tip))
                     top += hh
-            parts.append(f'<text x="{LABEL_W + e * CELL + CELL / 2}" y="{bar_h + 34}" text-anchor="middle">{e}</text>')
+            parts.append(f'<text x="{label_w + e * CELL + CELL / 2}" y="{bar_h + 34}" text-anchor="middle">{e}</text>')
         parts.append("</svg>")
         out.append("".join(parts))
     legend = " ".join(
@@ -226,7 +225,8 @@ def _views_html(v: Views) -> list[str]:
                 experts,
                 lambda x, m=vmax: cmap_hex(SHARE_CMAP, x / m),
                 tip,
-                f"block {lv.block}",
+                f"block {lv.block}: {mi_label(lv.mi_task, lv.mi_task_max, 'task')}; "
+                f"{mi_label(lv.mi_modality, lv.mi_modality_max, 'modality')}",
                 light=lambda x, m=vmax: x < 0.6 * m,
             )
         )
@@ -236,14 +236,17 @@ def _views_html(v: Views) -> list[str]:
             "heatmap",
             "Task x expert, per MoE layer",
             "Share of each task's routes (token, chosen expert) that each expert receives; rows sum to 1. "
-            "H = mean gate entropy per token (nats).",
+            "H = mean gate entropy per token (nats). I(task; expert): how much a route's task tells about its "
+            "expert, in bits, and its share of the most it could be, min(H(task), H(expert)); 0 = every task "
+            "routes alike. I(modality; expert) likewise for modalities.",
             "<br>".join(maps),
         ),
         _section(
             "pathways",
             "Pathways",
-            "Each task's main experts in every MoE layer (the fewest carrying half of its "
-            "routes), linked layer to layer. White ringed nodes are shared by several tasks (count inside).",
+            "One panel per task: the area of each (block, expert) dot is the share of the task's routes it "
+            "receives; the task's main experts (the fewest carrying half of its routes) are coloured and linked "
+            "layer to layer, the link as wide as the flow. A thicker ring: also a main expert of another task.",
             svg_pathways(v),
         ),
         _section(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pathways_mm.viz import views
 from pathways_mm.viz.style import DELTA_CMAP, MODALITY_COLORS, SHARE_CMAP, plt, task_color
 from pathways_mm.viz.views import Comparison, Views
 
@@ -41,43 +42,43 @@ def heatmaps(v: Views, out: Path) -> list[Path]:
         ax.set_xticks(range(E))
         ax.set_yticks(range(T), [f"{t}  (H={h:.2f})" for t, h in zip(v.tasks, lv.entropy_T)])
         ax.set_xlabel("expert")
-        ax.set_title(f"block {lv.block}: share of each task's routes", fontsize=9)
+        mi = views.mi_label(lv.mi_task, lv.mi_task_max, "task")
+        ax.set_title(f"block {lv.block}: share of each task's routes\n{mi}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         paths.append(_save(fig, out / f"heatmap_block{lv.block}.png"))
     return paths
 
 
 def pathway_graph(v: Views, out: Path) -> Path:
-    """Each task's main experts in every MoE layer, linked layer to layer; shared experts ringed."""
-    L, E = len(v.layers), v.layers[0].share_TE.shape[1]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * L, 1.5 + 0.35 * E))
-    ax.scatter(np.repeat(np.arange(L), E), np.tile(np.arange(E), L), s=30, c="#cccccc", zorder=1)
-    n = max(len(v.tasks), 1)
-    for i, (task, per_layer) in enumerate(v.pathways.items()):
-        dy = (i - (n - 1) / 2) * 0.08  # each task's lines slightly apart, so shared links stay visible
+    """Small multiples, one panel per task: its share of routes on every (layer, expert) as the dot's
+    area, its main experts (the fewest carrying half its routes) coloured and linked layer to layer
+    with width = the flow between them (geometric mean of the two shares)."""
+    L, E, T = len(v.layers), v.layers[0].share_TE.shape[1], max(len(v.tasks), 1)
+    cols = min(T, 4)
+    rows = -(-T // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 + 1.15 * L * cols, 0.9 + 0.28 * E * rows), squeeze=False)
+    for i, task in enumerate(v.tasks):
+        ax, col, per_layer = axes[i // cols, i % cols], task_color(i), v.pathways[task]
         for li in range(L - 1):
+            a_share, b_share = v.layers[li].share_TE[i], v.layers[li + 1].share_TE[i]
             for a in per_layer[li]:
                 for b in per_layer[li + 1]:
-                    ax.plot([li, li + 1], [a + dy, b + dy], color=task_color(i), lw=1.6, alpha=0.8, zorder=2)
-        for li, experts in enumerate(per_layer):
-            ax.scatter(
-                [li] * len(experts),
-                [e + dy for e in experts],
-                s=40,
-                color=task_color(i),
-                zorder=3,
-                label=task if li == 0 else None,
-            )
-    for (li, e), tasks in v.shared_nodes.items():
-        ax.scatter([li], [e], s=260, facecolors="none", edgecolors="k", linewidths=1.5, zorder=4)
-        ax.annotate(f"{len(tasks)}", (li, e), xytext=(9, 6), textcoords="offset points", fontsize=7)
-    ax.set_xticks(range(L), [f"block {lv.block}" for lv in v.layers])
-    ax.set_yticks(range(E))
-    ax.set_ylabel("expert")
-    ax.set_xlim(-0.5, L - 0.5)
-    ax.invert_yaxis()
-    ax.set_title("pathways: main experts per task (ringed = shared by n tasks)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+                    flow = float(np.sqrt(a_share[a] * b_share[b]))
+                    ax.plot([li, li + 1], [a, b], color=col, lw=0.5 + 8 * flow, alpha=0.55, zorder=1)
+        for li, lv in enumerate(v.layers):
+            share_E = np.nan_to_num(lv.share_TE[i])
+            main = [e in per_layer[li] for e in range(E)]
+            ax.scatter([li] * E, range(E), s=4 + 260 * share_E, c=[col if m else "#bbbbbb" for m in main],
+                       edgecolors=["k" if m else "none" for m in main], linewidths=0.6, zorder=2)  # fmt: skip
+        ax.set_title(task, fontsize=8)
+        ax.set_xticks(range(L), [f"b{lv.block}" for lv in v.layers], fontsize=7)
+        ax.set_yticks(range(E), [str(e) for e in range(E)], fontsize=6)
+        ax.set_xlim(-0.5, L - 0.5)
+        ax.set_ylim(E - 0.5, -0.5)
+    for k in range(len(v.tasks), rows * cols):
+        axes[k // cols, k % cols].axis("off")
+    fig.suptitle("pathways: each task's route share per (block, expert); main experts coloured and linked", fontsize=9)
+    fig.tight_layout()
     return _save(fig, out / "pathways.png")
 
 
@@ -95,7 +96,7 @@ def reuse(v: Views, out: Path) -> Path:
 
 def modality_shares(v: Views, out: Path) -> Path:
     L, E = len(v.layers), v.layers[0].share_TE.shape[1]
-    fig, axes = plt.subplots(L, 1, figsize=(2 + 0.45 * E, 1.8 * L), squeeze=False)
+    fig, axes = plt.subplots(L, 1, figsize=(2 + 0.45 * E, 2 * L), squeeze=False, layout="constrained")
     for ax, lv in zip(axes[:, 0], v.layers):
         bottom = np.zeros(E)
         for m, name in enumerate(v.modalities):
@@ -105,7 +106,8 @@ def modality_shares(v: Views, out: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_xticks(range(E))
         ax.set_ylabel(f"block {lv.block}")
-    axes[0, 0].set_title("modality share of each expert's routes", fontsize=9)
+        ax.set_title(views.mi_label(lv.mi_modality, lv.mi_modality_max, "modality"), fontsize=8)
+    fig.suptitle("modality share of each expert's routes", fontsize=9)
     axes[-1, 0].set_xlabel("expert")
     axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, out / "modality.png")

@@ -24,6 +24,10 @@ class LayerView(NamedTuple):
     modality_ME: np.ndarray  # [modalities, experts] share of each expert's routes per modality (nan: no routes)
     entropy_T: np.ndarray  # [tasks shown] mean gate entropy per token, nats
     dropped_T: np.ndarray  # [tasks shown] fraction of the task's routes dropped over capacity
+    mi_task: float  # I(task; expert) of the routes, bits
+    mi_task_max: float  # its largest possible value, min(H(task), H(expert)), bits
+    mi_modality: float  # I(modality; expert), bits
+    mi_modality_max: float  # min(H(modality), H(expert)), bits
 
 
 class Views(NamedTuple):
@@ -38,6 +42,53 @@ class Views(NamedTuple):
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    """Entropy (bits) of the distribution proportional to `counts` (0 if there are none)."""
+    c = np.asarray(counts, dtype=np.float64).ravel()
+    total = c.sum()
+    if total <= 0:
+        return 0.0
+    p = c[c > 0] / total
+    return float(-(p * np.log2(p)).sum())
+
+
+def mutual_information(joint_XE: np.ndarray) -> float:
+    """I(X; E) in bits of the joint distribution proportional to a count table [X, E].
+
+    I = H(X) + H(E) - H(X, E): 0 when the rows are proportional (X tells nothing about E),
+    H(X) when no two rows share a column.
+    """
+    j = np.asarray(joint_XE, dtype=np.float64)
+    return max(0.0, entropy_bits(j.sum(1)) + entropy_bits(j.sum(0)) - entropy_bits(j))
+
+
+def mutual_information_max(joint_XE: np.ndarray) -> float:
+    """The largest I(X; E) any table with these marginals' entropies could have: min(H(X), H(E)), bits."""
+    j = np.asarray(joint_XE, dtype=np.float64)
+    return min(entropy_bits(j.sum(1)), entropy_bits(j.sum(0)))
+
+
+def task_expert_joint(layer: dict[str, Any]) -> np.ndarray:
+    """[tasks, experts] routes of a routes-file layer, summed over modalities."""
+    return np.asarray(layer["routes"], dtype=np.float64).sum(1)
+
+
+def modality_expert_joint(layer: dict[str, Any]) -> np.ndarray:
+    """[modalities, experts] routes of a routes-file layer, summed over tasks."""
+    return np.asarray(layer["routes"], dtype=np.float64).sum(0)
+
+
+def conditional_entropy_bits(joint_XE: np.ndarray) -> np.ndarray:
+    """[X] H(E | x) in bits for each row of a count table (nan for a row without counts)."""
+    return np.array([entropy_bits(row) if row.sum() > 0 else np.nan for row in np.asarray(joint_XE, dtype=np.float64)])
+
+
+def expert_load(joint_XE: np.ndarray) -> np.ndarray:
+    """[E] each expert's share of all routes divided by its fair share 1/E (1 = exactly fair, 0 = dead)."""
+    load_E = np.asarray(joint_XE, dtype=np.float64).sum(0)
+    return _ratio(load_E * load_E.shape[0], np.full_like(load_E, load_E.sum()))
 
 
 def present_tasks(doc: dict[str, Any]) -> list[int]:
@@ -60,7 +111,18 @@ def layer_view(layer: dict[str, Any], task_ids: list[int]) -> LayerView:
         modality_ME=_ratio(by_mod_ME, by_mod_ME.sum(0, keepdims=True)),
         entropy_T=_ratio(entropy_T, tokens_T),
         dropped_T=_ratio(dropped_T, total_T),
+        # tasks without tokens have all-zero rows, so the shown tasks' routes are the whole joint
+        mi_task=mutual_information(routes_TE),
+        mi_task_max=mutual_information_max(routes_TE),
+        mi_modality=mutual_information(by_mod_ME),
+        mi_modality_max=mutual_information_max(by_mod_ME),
     )
+
+
+def mi_label(bits: float, most: float, what: str) -> str:
+    """`I(task; expert) = 0.85 bits (30% of max)`: a figure's words for a mutual information."""
+    pct = f"{100 * bits / most:.0f}% of max" if most > 0 else "max 0"
+    return f"I({what}; expert) = {bits:.2f} bits ({pct})"
 
 
 def main_experts(share_E: np.ndarray, mass: float = MAIN_MASS) -> list[int]:

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from pathways_mm.routing import TaskRouter
-from pathways_mm.routing.router import global_balance_loss, per_task_balance_loss, z_loss
+from pathways_mm.routing.router import (
+    fewest_covering,
+    global_balance_loss,
+    mutual_information_loss,
+    per_task_balance_loss,
+    z_loss,
+)
+from pathways_mm.viz.views import mutual_information
 
 
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (4, 2), (8, 3), (6, 6)])
@@ -140,3 +147,118 @@ def test_bf16_router_picks_what_float32_math_picks_and_z_loss_shrinks_logits():
     with torch.no_grad():
         router.wg.weight -= 0.01 * router.wg.weight.grad.sign()
     assert router(x, task).z_loss.item() < before  # z-loss pulls router logits back toward zero
+
+
+def test_mi_loss_hand_computed():
+    ln2 = math.log(2.0)
+    task = torch.tensor([0, 0, 1, 1])
+    # Fully separated: each task's tokens on its own expert; I = H(task) = ln 2.
+    apart = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    torch.testing.assert_close(mutual_information_loss(apart, task, 4), torch.tensor(-ln2))
+    # Same distribution for both tasks: the task tells nothing about the expert.
+    alike = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.6, 0.4], [0.8, 0.2]])
+    torch.testing.assert_close(mutual_information_loss(alike, task, 4), torch.tensor(0.0), atol=1e-6, rtol=0)
+    # Task 0: p(e|0) = [0.5, 0.5]; task 1: [0, 1]; p(t) = [2/3, 1/3]; p(e) = [1/3, 2/3].
+    mixed, task3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, 1])
+    h_e = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
+    torch.testing.assert_close(mutual_information_loss(mixed, task3, 2), torch.tensor(2 / 3 * ln2 - h_e))
+
+
+def test_padding_leaves_global_balance_and_mi_unchanged_and_gradients_finite():
+    torch.manual_seed(0)
+    probs = torch.randn(6, 4).softmax(-1)
+    idx = probs.topk(2, dim=-1).indices
+    task = torch.tensor([0, 0, 1, 1, 2, 2])
+    pad_probs = torch.cat([probs, torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 3)])  # padding of task 1, a masked-off row
+    pad_idx = torch.cat([idx, torch.tensor([[3, 2]] * 3)])
+    pad_task, valid = torch.cat([task, torch.tensor([1, 1, 1])]), torch.tensor([1] * 6 + [0] * 3)
+    torch.testing.assert_close(global_balance_loss(pad_probs, pad_idx, valid), global_balance_loss(probs, idx))
+    torch.testing.assert_close(
+        mutual_information_loss(pad_probs, pad_task, 8, valid), mutual_information_loss(probs, task, 8)
+    )
+    logits = torch.randn(9, 4, requires_grad=True)
+    masked = logits.masked_fill(torch.tensor([False, False, True, True]), float("-inf"))
+    mutual_information_loss(masked.softmax(-1), pad_task, 8, valid).backward()  # p = 0 for masked experts, absent tasks
+    assert torch.isfinite(logits.grad).all()
+
+
+def _train_router(balance: str, balance_coef: float, mi_coef: float, steps: int = 300) -> torch.Tensor:
+    """A bare router trained on two tasks' random tokens under one objective; returns the [task, expert] routes."""
+    torch.manual_seed(0)
+    router = TaskRouter(16, 8, 2, 2, balance=balance)
+    opt = torch.optim.Adam(router.parameters(), lr=0.05)
+    task = torch.arange(2).repeat_interleave(128)
+    for _ in range(steps):
+        out = router(torch.randn(256, 16), task)
+        loss = balance_coef * out.balance_loss + mi_coef * out.mi_loss + 0.001 * out.z_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = router(torch.randn(2048, 16), torch.arange(2).repeat_interleave(1024))
+    flat = (torch.arange(2).repeat_interleave(1024)[:, None] * 8 + out.indices_TK).reshape(-1)
+    return torch.zeros(16).index_add_(0, flat, torch.ones(flat.numel())).view(2, 8)
+
+
+def _mi_bits(joint: torch.Tensor) -> float:
+    return mutual_information(joint.numpy())
+
+
+def test_mi_objective_gives_two_tasks_their_own_experts_per_task_balance_does_not():
+    per_task = _train_router("per_task", 1.0, 0.0)
+    mi = _train_router("global", 0.01, 1.0)
+    # Per-task balance spreads both tasks over all eight experts: the task says ~nothing about the expert.
+    assert _mi_bits(per_task) < 0.05 and (per_task > 0).all()
+    # Global balance + MI: each task keeps to its own experts (I close to H(task) = 1 bit) and no expert idles.
+    assert _mi_bits(mi) > 0.9
+    main = [set(torch.nonzero(row / row.sum() > 0.05).flatten().tolist()) for row in mi]
+    assert not main[0] & main[1], main
+    assert len(main[0] | main[1]) >= 4
+
+
+@pytest.mark.parametrize("counts,allowed,mass,min_n,max_n,want", [
+    ([[50, 30, 15, 5]], [[1, 1, 1, 1]], 0.8, 2, 4, [[1, 1, 0, 0]]),
+    ([[50, 30, 15, 5]], [[1, 1, 1, 1]], 0.95, 2, 4, [[1, 1, 1, 0]]),
+    ([[50, 30, 15, 5]], [[1, 1, 1, 1]], 0.99, 2, 3, [[1, 1, 1, 0]]),  # capped at max_n
+    ([[100, 0, 0, 0]], [[1, 1, 1, 1]], 0.95, 2, 4, [[1, 1, 0, 0]]),  # at least min_n (ties: lowest id)
+    ([[0, 70, 30, 0]], [[0, 1, 1, 1]], 0.5, 2, 4, [[0, 1, 1, 0]]),
+    ([[0, 0, 0, 0]], [[0, 1, 1, 1]], 0.5, 2, 4, [[0, 1, 1, 1]]),  # no routes: the mask stays
+    ([[0, 10, 0, 0]], [[1, 1, 0, 1]], 0.9, 2, 4, [[1, 1, 0, 0]]),  # never an expert the task was not allowed
+])  # fmt: skip
+def test_fewest_covering(counts, allowed, mass, min_n, max_n, want):
+    got = fewest_covering(torch.tensor(counts), torch.tensor(allowed, dtype=torch.bool), mass, min_n, max_n)
+    assert got.tolist() == torch.tensor(want, dtype=torch.bool).tolist()
+
+
+def test_route_masks_set_after_mask_step_from_the_window_and_survive_a_reload():
+    torch.manual_seed(0)
+    router = TaskRouter(8, 8, 3, 2, mask_mass=0.9, mask_step=4, mask_window=2)
+    with torch.no_grad():
+        router.pathway[0, [1, 5]] = 20.0  # task 0 goes to experts 1 and 5 whatever its tokens
+        router.pathway[1, [2, 3]] = 20.0
+    task = torch.tensor([0] * 8 + [1] * 8)
+    router.eval()
+    router(torch.randn(16, 8), task)  # evaluation forwards are not counted
+    router.train()
+    for i in range(3):
+        router(torch.randn(16, 8), task)
+        assert router.allowed.all(), f"restricted after {i + 1} of 4 forwards"
+    assert int(router.route_tally.sum()) == 2 * 16  # forwards 3 and 4 are the window
+    state = {k: v.clone() for k, v in router.state_dict().items()}
+    router(torch.randn(16, 8), task)
+    assert torch.nonzero(router.allowed[0]).flatten().tolist() == [1, 5]
+    assert torch.nonzero(router.allowed[1]).flatten().tolist() == [2, 3]
+    assert router.allowed[2].all(), "a task without routes keeps every expert"
+    # A resumed router (state from before forward 4) restricts at the same forward.
+    again = TaskRouter(8, 8, 3, 2, mask_mass=0.9, mask_step=4, mask_window=2).train()
+    again.load_state_dict(state)
+    again(torch.randn(16, 8), task)
+    assert torch.equal(again.allowed, router.allowed) and int(again.num_forwards) == 4
+    out = router(torch.randn(16, 8), task)
+    assert set(out.indices_TK[:8].flatten().tolist()) == {1, 5}
+
+
+def test_route_mask_buffers_only_when_masks_are_on():
+    assert "route_tally" not in TaskRouter(8, 4, 2, 2).state_dict()
+    with pytest.raises(ValueError, match="mask_window"):
+        TaskRouter(8, 4, 2, 2, mask_mass=0.9, mask_step=2, mask_window=5)

@@ -3,28 +3,7 @@ import json
 import pytest
 
 from pathways_mm.config import load_config
-from pathways_mm.data.sampler import MixtureSampler
 from tests.helpers import DEBUG_CFG, deepspeed_launch, error_lines, read_metrics, run_cli, sets
-
-
-def test_weights_multiply_after_the_temperature():
-    s = MixtureSampler([900, 100], temperature=1e9, seed=0, weights=[1.0, 3.0])
-    assert s.probs.tolist() == pytest.approx([0.25, 0.75], rel=1e-6)
-
-
-def test_mixture_sampler_is_a_pure_function_of_step():
-    s = MixtureSampler([1000, 10], temperature=1.0, seed=3)
-    assert s.draw(16, step=5, micro=1, rank=0) == MixtureSampler([1000, 10], 1.0, 3).draw(16, 5, 1, 0)
-    assert s.draw(16, step=5) != s.draw(16, step=6)
-    assert s.draw(16, step=5, rank=0) != s.draw(16, step=5, rank=1)
-
-
-@pytest.mark.parametrize("temperature,expected", [(1.0, [0.9, 0.1]), (1e9, [0.5, 0.5])])
-def test_temperature_mixture(temperature, expected):
-    s = MixtureSampler([900, 100], temperature=temperature, seed=0)
-    assert s.probs.tolist() == pytest.approx(expected, rel=1e-6)
-    picks = [t for t, _ in s.draw(4000, step=0)]
-    assert picks.count(0) / len(picks) == pytest.approx(expected[0], abs=0.03)
 
 
 def losses(run_dir):

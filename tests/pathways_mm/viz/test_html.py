@@ -48,8 +48,11 @@ def test_console_capture_sees_a_script_error(tmp_path):
 
 
 def test_routes_html_renders_every_view_without_console_errors(tmp_path):
-    before = routes_file.write(tmp_path / "before.json", make_doc(BEFORE))
-    after = routes_file.write(tmp_path / "after.json", make_doc(AFTER))
+    docs = [make_doc(BEFORE), make_doc(AFTER)]
+    for doc in docs:  # a long task name, as image_speech_same once was clipped to "age_speech_same"
+        doc["tasks"][0] = "image_speech_same_and_more"
+    before = routes_file.write(tmp_path / "before.json", docs[0])
+    after = routes_file.write(tmp_path / "after.json", docs[1])
     page = draw(after, tmp_path / "out", compare=before)[-1]
     dom, console = open_in_chromium(page.as_uri() + "#selftest", tmp_path)
     assert console == [], console
@@ -57,6 +60,7 @@ def test_routes_html_renders_every_view_without_console_errors(tmp_path):
     assert 'data-ready="1"' in body and 'data-views="5"' in body and 'data-layers="2"' in body, body
     hovered, items = map(int, re.search(r'data-hover="(\d+)/(\d+)"', body).groups())
     assert items > 50 and hovered == items, body  # every cell, node, link and bar shows its number
+    assert 'data-clipped="0"' in body, body  # no label runs off its picture (long task names included)
     for view in VIEWS:
         section = re.search(rf'<section class="view" id="view-{view}">(.*?)</section>', dom, re.S).group(1)
         assert section.count("<svg") >= 1 and section.count("data-tip=") >= 4, view

@@ -1,0 +1,98 @@
+"""`pathways-mm ablate`: the variants' configs, and an end-to-end run on a debug model."""
+
+import json
+
+import pytest
+
+from pathways_mm.config import load_config
+from pathways_mm.errors import ConfigError
+from pathways_mm.studies.ablate import VARIANTS, format_markdown, run_ablation, summarize, variant_config
+from tests.helpers import MOE_CFG, run_cli, sets
+
+NEW = (
+    "model.moe.balance=global",
+    "model.moe.mi_coef=0.1",
+    "model.moe.mask_mass=0.9",
+    "model.moe.mask_step=2",
+    "model.moe.mask_window=1",
+)
+TINY = ("train.steps=3", "train.warmup_steps=1", "eval.max_samples=4", "train.log_every=1", *NEW)
+
+
+def test_variants_change_only_the_routing_or_the_dense_width():
+    cfg = load_config(MOE_CFG, list(NEW))
+    dense = variant_config(cfg, "multi_dense", 1)
+    assert dense.model.moe.num_experts == 0 and dense.model.d_ff == 2 * 96 and dense.seed == 1
+    tokens = variant_config(cfg, "sparse_tokens", 0).model.moe
+    assert (tokens.task_prior, tokens.balance, tokens.mi_coef, tokens.mask_mass) == (False, "global", 0.0, 0.0)
+    old = variant_config(cfg, "sparse_pathways", 0).model.moe
+    assert (old.task_prior, old.balance, old.mi_coef, old.mask_mass) == (True, "per_task", 0.0, 0.0)
+    assert variant_config(cfg, "sparse_specific", 0).model.moe == cfg.model.moe  # the config's own routing
+    assert all(variant_config(cfg, v, 0).eval.routes for v in ("sparse_tokens", "sparse_pathways", "sparse_specific"))
+
+
+def test_bad_requests_are_config_errors(tmp_path):
+    cfg = load_config(MOE_CFG)
+    with pytest.raises(ConfigError, match="--variant nope"):
+        run_ablation(cfg, 1, tmp_path, ("nope",))
+    with pytest.raises(ConfigError, match="--seeds must be >= 1"):
+        run_ablation(cfg, 0, tmp_path)
+    with pytest.raises(ConfigError, match="num_experts > 0"):
+        run_ablation(cfg.replace(model=variant_config(cfg, "multi_dense", 0).model), 1, tmp_path)
+
+
+def test_table_shows_mean_and_spread_over_seeds():
+    runs = {
+        v: [
+            {
+                "metrics": {"text_lm": {"bits_per_byte": 2.0 + s}, "text_arith": {"exact_match": 0.1 * s}},
+                "train_s": 10.0,
+                "routes": {"layers": [{"mi_task": 0.5, "mi_task_max": 1.0, "min_expert_load": 0.8}]},
+                "export": {"text_lm": {"experts_kept": [2]}, "text_arith": {"experts_kept": [3]}},
+            }
+            for s in (0, 1)
+        ]
+        for v in ("multi_dense", "sparse_specific")
+    }
+    for run in runs["multi_dense"]:
+        del run["routes"], run["export"]
+    result = summarize(load_config(MOE_CFG), 2, runs)
+    lm = result["variants"]["multi_dense"]["tasks"]["text_lm"]["bits_per_byte"]
+    assert (lm["mean"], lm["min"], lm["max"], lm["sd"]) == (2.5, 2.0, 3.0, pytest.approx(0.7071, abs=1e-4))
+    md = format_markdown(result)
+    assert "| text_lm | bits_per_byte (lower is better) | 2.500 ± 0.707 | 2.500 ± 0.707 |" in md
+    assert "| I(task; expert) / max, MoE layer 1 | 0.50 ± 0.00 |" in md
+    assert "experts kept by text_arith's export (per layer, of 4) | 3.0 |" in md
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end_and_rerun_continues(tmp_path, data_dir):
+    out = tmp_path / "abl"
+    args = [
+        "ablate",
+        MOE_CFG,
+        "--seeds",
+        "2",
+        "--out-dir",
+        out,
+        "--variant",
+        "single_dense",
+        "--variant",
+        "sparse_specific",
+        *sets(*TINY),
+    ]
+    res = run_cli(args, data_dir, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "ablation.json").read_text())
+    assert set(result["variants"]) == {"single_dense", "sparse_specific"} and result["seeds"] == 2
+    specific = result["variants"]["sparse_specific"]
+    assert specific["tasks"]["text_lm"]["bits_per_byte"]["n"] == 2 and len(specific["mi_share"]) == 1
+    # the masks after step 2 hold each task to at most num_experts // 2 = 2 experts: the export keeps only those
+    assert all(s["max"] <= 2 for per_layer in specific["experts_kept"].values() for s in per_layer)
+    assert (out / "single_dense" / "seed1" / "text_arith" / "metrics.jsonl").is_file()
+    assert "| text_arith | exact_match |" in (out / "ablation.md").read_text()
+    again = run_cli(args, data_dir, timeout=300)  # every run and export is done: only the table is redrawn
+    assert again.returncode == 0 and "steps) ->" not in again.stderr and "ablate: export" not in again.stderr, (
+        again.stderr
+    )
+    assert VARIANTS[0] == "single_dense"
