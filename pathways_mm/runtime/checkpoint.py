@@ -145,7 +145,7 @@ def newest_intact(ckpt_dir: Path) -> Path | None:
     damaged: list[str] = []
     for tag_dir in tag_dirs(ckpt_dir):
         if not is_published(tag_dir):
-            _say(f"skipping {tag_dir}: no {MANIFEST} (its save did not finish), so nothing can verify it")
+            _say(f"skipping {tag_dir}: its save did not finish (no {MANIFEST}), so nothing can verify it")
             continue
         bad = verify(tag_dir)
         if not bad:

@@ -84,8 +84,9 @@ def init_distributed(threads: int = 0) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Hold back what DeepSpeed prints while it starts ("... shm_comm_op built successfully", on
-    stdout among a command's results); shown if start-up fails, or always with PMM_VERBOSE=1."""
+    """Hold back what DeepSpeed prints while it starts ("... shm_comm_op built successfully", "No
+    existing process group found ...", on stdout among a command's results); shown if start-up
+    fails, or always with PMM_VERBOSE=1."""
     if os.environ.get("PMM_VERBOSE"):
         yield
         return
@@ -219,7 +220,8 @@ def initialize(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     model = model.to(device())
     groups = param_groups(model, cfg.train.weight_decay)
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler)
+    with _quiet():  # "No existing process group found, creating a new group named: ep_size_1" on stdout
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler)
     compat.set_all_group_timeouts(cfg.train.collective_timeout_s)
     return engine
 
@@ -266,7 +268,8 @@ def eval_ds_config() -> dict[str, Any]:
 
 def initialize_for_eval(model: torch.nn.Module, cfg: ExperimentConfig):
     """An inference engine (no optimizer) around `model`: expert-parallel groups, bf16 on a GPU."""
-    engine, *_ = deepspeed.initialize(model=model.to(device()), config=eval_ds_config())
+    with _quiet():
+        engine, *_ = deepspeed.initialize(model=model.to(device()), config=eval_ds_config())
     compat.set_all_group_timeouts(cfg.train.collective_timeout_s)
     return engine
 

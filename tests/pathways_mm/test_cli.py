@@ -13,6 +13,8 @@ from tests.helpers import DEBUG_CFG, error_lines, run_cli, sets
         (["train", DEBUG_CFG, *sets("tasks=[text_lmm]")], "unknown task 'text_lmm'; did you mean 'text_lm'?"),
         (["train", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),
         (["eval", "no/such/run"], "checkpoint not found: no/such/run"),
+        (["eval", "no/such/run", "--max-samples", "-1"], "--max-samples must be between 0 and 1000000000, got -1"),
+        (["train", DEBUG_CFG, *sets("train.lr=1e-3", "seed=-1")], "seed must be between 0 and"),
         (
             ["train", DEBUG_CFG, *sets("model.moe.num_experts=4", "model.moe.top_k=9")],
             "top_k (9) must be between",

@@ -30,7 +30,7 @@ def test_newest_intact_skips_unfinished_and_damaged(tmp_path, capsys):
     (damaged / "model.pt").write_bytes(b"weights 5")  # same size, other bytes
     assert ckpt.newest_intact(tmp_path) == tmp_path / "step_0000002"
     err = capsys.readouterr().err
-    assert f"skipping {tmp_path / 'step_0000006'}: no {ckpt.MANIFEST} (its save did not finish)" in err
+    assert "step_0000006: its save did not finish" in err
     assert f"{damaged / 'model.pt'}: checksum differs" in err and "falling back to step_0000002" in err
 
 
@@ -64,7 +64,7 @@ def test_a_checkpoint_without_a_manifest_is_never_loaded_even_where_latest_names
     bare = fake_tag(tmp_path, 4, publish=False)
     (tmp_path / ckpt.LATEST).write_text(bare.name)  # what a pathways-mm before manifests left behind
     assert ckpt.newest_intact(tmp_path) == old
-    assert f"skipping {bare}: no {ckpt.MANIFEST}" in capsys.readouterr().err
+    assert f"skipping {bare}: its save did not finish (no {ckpt.MANIFEST})" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unverified weights are never loaded"):
         ckpt.resolve_checkpoint(bare)
 
