@@ -8,9 +8,8 @@ import textwrap
 import pytest
 
 from pathways_mm.data.datasets import load_split
-from pathways_mm.tasks import MultimodalExample, Task, get_task
-from pathways_mm.tasks.digits import digit_images
-from tests.helpers import DEBUG_CFG, MOE_CFG, error_lines, read_metrics, run_cli, sets
+from pathways_mm.tasks import get_task, registry
+from tests.helpers import DEBUG_CFG, MOE_CFG, ROOT, error_lines, read_metrics, run_cli, sets
 
 TASK_MODULE = textwrap.dedent(
     """
@@ -195,23 +194,33 @@ def test_add_task_honours_the_users_plugins(how, plugin_run, tmp_path, data_dir)
     assert report["task"] == "whisper" and report["old_outputs_bit_identical"] is True
 
 
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_task_guide_says_what_a_plugin_author_needs():
+    guide = _readme_section("Writing a task")
+    for name in ("chance(", "generation", "description", "group(", "data_version", "bind(", "final_answer("):
+        assert f"`{name}" in guide, name
+    assert '[project.entry-points."pathways_mm.tasks"]' in guide and "--set plugins=[my_pkg.tasks]" in guide
+    synopsis = _readme_section("Command line")
+    eval_line = next(line for line in synopsis.splitlines() if line.startswith("pathways-mm eval"))
+    add_task = synopsis[synopsis.index("pathways-mm add-task") : synopsis.index("pathways-mm export")]
+    assert "--set" in eval_line and all(f in add_task for f in ("--adapter-rank", "--config", "--set", "--train-all"))
+
+
 @pytest.mark.slow
-def test_a_plugin_on_the_builtin_digit_split_sees_no_test_image_in_training(data_dir):
-    """`digit_images(split, root, seed)` is the split the built-in tasks use: a plugin built on it
-    cannot leak the built-in test images into its training data."""
-
-    class DigitParity(Task):  # the README's example of a plugin on the built-in digits
-        name, modalities, metrics = "digit_parity_test", ("image",), ("exact_match",)
-
-        def build_dataset(self, split, root, seed):
-            bank = digit_images(split, root, seed)
-            return [{"split": split, "i": i, "answer": ("even", "odd")[int(y) % 2]} for i, y in enumerate(bank.labels)]
-
-        def encode(self, sample):
-            img = digit_images(sample["split"], self.root, self.seed).images[sample["i"]]
-            return MultimodalExample(self.name, (("image", img),), sample["answer"])
-
-    seed, plugin = 1234, DigitParity()
+def test_a_plugin_on_the_builtin_digit_split_sees_no_test_image_in_training(data_dir, monkeypatch):
+    """The guide's example, run as written: a plugin built on `digit_images(split, root, seed)` uses the
+    built-in split, so none of the images the built-in tasks test on is in its training data."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the example registers a task
+    blocks = _readme_section("Writing a task").split("```python\n")[1:]
+    example = next(code for code in (b.split("```")[0] for b in blocks) if "digit_images" in code)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    seed, plugin = 1234, namespace["DigitParity"]()
     train = {plugin.encode(s).segments[0][1].tobytes() for s in load_split(plugin, "train", data_dir, seed)}
     builtin = get_task("digit_image")
     builtin_test = {builtin.encode(s).segments[0][1].tobytes() for s in load_split(builtin, "test", data_dir, seed)}
