@@ -6,8 +6,11 @@ One entry point for every command, in one process or under the DeepSpeed launche
     deepspeed --num_gpus N --module pathways_mm.cli train CONFIG ...
 
 The launcher puts `--local_rank=R` before the command; the rank itself comes from the
-environment it sets (RANK, WORLD_SIZE, ...). Command modules are imported inside the command
-functions so that `pathways-mm --help`, `tasks` and `routes` start without loading DeepSpeed.
+environment it sets (RANK, WORLD_SIZE, ...). `train`, `eval`, `add-task`, `baseline` and the
+`bench train`/`telemetry` benchmarks run on every rank; the one-process commands (`export`,
+`routes`, `tasks`, `continual`, `bench moe`) do their work on rank 0 alone. Command modules are
+imported inside the command functions so that `pathways-mm --help`, `tasks` and `routes` start
+without loading DeepSpeed.
 """
 
 from __future__ import annotations
@@ -21,26 +24,47 @@ from pathlib import Path
 from typing import Any
 
 from pathways_mm.config import load_config, parse_overrides
-from pathways_mm.errors import ConfigError, TrainingAborted
+from pathways_mm.errors import ConfigError, TrainingAborted, clip
+from pathways_mm.io import NO_SPACE, describe_os_error
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, ValueError)
+
+
+def _error(msg: str) -> None:
+    """The one error line: its first line, cut short (a message never floods the terminal)."""
+    print(f"pathways-mm: error: {clip(msg.splitlines()[0] if msg else 'unknown error', 1000)}", file=sys.stderr)
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run `fn`; a user error becomes `pathways-mm: error: ...` on stderr and exit status 2,
-    an aborted run (a silent rank, too many non-finite steps) the same line and status 1."""
+    an aborted run (a silent rank, too many non-finite steps, a full disk) the same line and status 1.
+
+    A file-system error (permissions, a file where a folder should be) is a user error too.
+    """
     try:
         fn()
     except (*USER_ERRORS, TrainingAborted) as e:
         if os.environ.get("PMM_TRACEBACK"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"pathways-mm: error: {msg}", file=sys.stderr)
+        _error(str(e) or type(e).__name__)
         return 1 if isinstance(e, TrainingAborted) else 2
+    except OSError as e:
+        if os.environ.get("PMM_TRACEBACK"):
+            raise
+        _error(describe_os_error(e) if e.errno is not None else str(e) or type(e).__name__)
+        return 1 if e.errno in NO_SPACE else 2
     except KeyboardInterrupt:
         print("pathways-mm: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def on_rank_zero(fn: Callable[[], Any]) -> int:
+    """`run_guarded` for a one-process command: under the deepspeed launcher only rank 0 runs it,
+    the other ranks exit at once (status 0), so every command launches the same way."""
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    return run_guarded(fn)
 
 
 def in_process_group(fn: Callable[[], Any]) -> int:
@@ -68,7 +92,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathways_mm.training.loop import run
 
     return in_process_group(
-        lambda: run(load_config(args.config, args.overrides), resume=args.resume, stop_after=args.stop_after)
+        lambda: run(
+            load_config(args.config, args.overrides),
+            resume=args.resume,
+            stop_after=args.stop_after,
+            overwrite=args.overwrite,
+        )
     )
 
 
@@ -132,7 +161,9 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathways_mm.inference.export import run_export
 
-    return run_guarded(lambda: run_export(args.source, args.task, args.out, args.max_samples))
+    return on_rank_zero(
+        lambda: run_export(args.source, args.task, args.out, args.max_samples, parse_overrides(args.overrides))
+    )
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
@@ -143,7 +174,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
         out = Path(args.out_dir) if args.out_dir else Path("runs") / f"continual-{cfg.name}"
         run_continual(cfg, out, say=lambda s: print(s, file=sys.stderr))
 
-    return run_guarded(go)
+    return on_rank_zero(go)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -164,7 +195,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
         paths = draw(args.routes, args.out, compare=args.compare)
         print(f"pathways-mm: wrote {len(paths)} files to {args.out} (open {paths[-1]})", file=sys.stderr)
 
-    return run_guarded(go)
+    return on_rank_zero(go)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -181,14 +212,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         for info in infos:
             print(f"{info.name:<{w}}  {','.join(info.modalities):<18} {','.join(info.cls.metrics):<28} {info.source}")
 
-    return run_guarded(go)
+    return on_rank_zero(go)
 
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:
     from pathways_mm.bench.moe import run_moe
 
     opts = _pick(args, "tokens", "dtype", "iters", "warmup", "capacity", "device", "threads", "stock_topk")
-    return run_guarded(lambda: run_moe(args.config, json_out=args.json, **opts))
+    return on_rank_zero(lambda: run_moe(args.config, json_out=args.json, **opts))
 
 
 def cmd_bench_telemetry(args: argparse.Namespace) -> int:
@@ -296,6 +327,12 @@ def _add_train(sub) -> None:
     _add_set(t)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a train.out_dir that holds a run: first deletes its checkpoints/, routes/, "
+        "metrics.jsonl and config.yaml (nothing else); without it (or --resume) such a folder is refused",
+    )
+    t.add_argument(
         "--stop-after",
         type=int,
         default=None,
@@ -311,7 +348,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--split", help="dataset split (default: the config's eval.split)")
     e.add_argument("--max-samples", type=int, help="samples per task (0 = all)")
     e.add_argument("--out", help="JSON report path (default: inside the checkpoint)")
-    _add_set(e, "an eval/data setting")
+    _add_set(e, "an eval/data setting or plugins=[module]")
     e.add_argument(
         "--routes",
         default=None,
@@ -351,7 +388,7 @@ def _add_add_task(sub) -> None:
     a.add_argument("--steps", type=int, default=300, help="training steps for the new task")
     a.add_argument("--out-dir", help="the new run directory (default: next to the source run, RUN+TASK)")
     a.add_argument("--config", help="YAML with train/data/eval settings (same model)")
-    _add_set(a, "a train/data/eval setting")
+    _add_set(a, "a train/data/eval setting or plugins=[module]")
     a.add_argument("--train-all", action="store_true", help="baseline: train every weight (old tasks forget)")
     a.set_defaults(func=cmd_add_task)
 
@@ -362,6 +399,7 @@ def _add_export(sub) -> None:
     x.add_argument("--task", help="only this task's sub-network (the experts on its pathway, parity-checked)")
     x.add_argument("--out", required=True, help="new folder for model.safetensors and export.json")
     x.add_argument("--max-samples", type=int, help="samples that define the pathway and check parity (0 = all)")
+    _add_set(x, "an eval/data setting or plugins=[module]")
     x.set_defaults(func=cmd_export)
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pathways_mm.config import MOE_RUNTIME_KEYS, ExperimentConfig, to_dict
-from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text, existing
+from pathways_mm.errors import ConfigError, shorten
+from pathways_mm.io import atomic_write_text, existing, load_json
 from pathways_mm.tasks.base import MODALITIES
 
 FORMAT = "pathways-mm-routes"
@@ -82,41 +83,72 @@ def write(path: str | os.PathLike, doc: dict[str, Any]) -> Path:
 
 def _shape(x: Any) -> tuple[int, ...]:
     shape = []
-    while isinstance(x, list):
+    while isinstance(x, list) and len(shape) < 8:
         shape.append(len(x))
         x = x[0] if x else None
     return tuple(shape)
 
 
+def _grid(x: Any, shape: tuple[int, ...], what: str) -> None:
+    """`x` is a nested list of exactly `shape` whose every cell is a finite number >= 0."""
+    if not shape:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"{what} is {shorten(x)}, not a count")
+        return
+    if not isinstance(x, list) or len(x) != shape[0]:
+        raise ValueError(f"{what} has shape {_shape(x)}, expected {shape}")
+    for i, row in enumerate(x):
+        _grid(row, shape[1:], f"{what}[{i}]")
+
+
+def _names(x: Any, what: str) -> list[str]:
+    if not isinstance(x, list) or not x or not all(isinstance(n, str) and n for n in x) or len(set(x)) != len(x):
+        raise ValueError(f"{what} must be a list of distinct names, got {shorten(x)}")
+    return x
+
+
+def _count(layer: dict[str, Any], key: str, lowest: int) -> int:
+    value = layer.get(key)
+    if type(value) is not int or value < lowest:
+        raise ValueError(f"a layer's {key!r} must be an integer >= {lowest}, got {shorten(value)}")
+    return value
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a routes file; a user error names the file and what is wrong with it."""
+    """Read and check a routes file, every cell of it; a user error names the file and what is wrong."""
     p = existing(path, "routes file", f"write one with `pathways-mm eval RUN --routes {path}`")
-    try:
-        doc = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: not a routes file (not JSON: {e})") from None
+    doc = load_json(p, "routes file")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConfigError(
             f'{p}: not a routes file (no "format": "{FORMAT}"; write one with `pathways-mm eval --routes`)'
         )
     if doc.get("version") != VERSION:
-        raise ConfigError(f"{p}: routes file version {doc.get('version')!r}; this pathways-mm reads version {VERSION}")
+        raise ConfigError(
+            f"{p}: routes file version {shorten(doc.get('version'))}; this pathways-mm reads version {VERSION}"
+        )
     try:
-        n, m = len(doc["tasks"]), len(doc["modalities"])
-        if not doc["layers"]:
-            raise ValueError("no MoE layers")
-        for layer in doc["layers"]:
-            e = layer["num_experts"]
+        n, m = len(_names(doc.get("tasks"), "tasks")), len(_names(doc.get("modalities"), "modalities"))
+        if not isinstance(doc.get("model"), dict):
+            raise ValueError("no model section")
+        if not isinstance(doc.get("checkpoint"), (dict, type(None))) or not isinstance(doc.get("data", {}), dict):
+            raise ValueError("checkpoint and data must be objects")
+        layers = doc.get("layers")
+        if not isinstance(layers, list) or not layers or not all(isinstance(layer, dict) for layer in layers):
+            raise ValueError("layers must be a non-empty list of MoE layers")
+        blocks = [_count(layer, "block", 0) for layer in layers]
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"a block appears twice in {blocks}")
+        for layer, block in zip(layers, blocks):
+            e = _count(layer, "num_experts", 1)
             for key, want in (
                 ("routes", (n, m, e)),
                 ("dropped", (n, m, e)),
                 ("tokens", (n, m)),
                 ("entropy_sum", (n, m)),
             ):
-                if _shape(layer[key]) != want:
-                    raise ValueError(f"block {layer['block']} {key} has shape {_shape(layer[key])}, expected {want}")
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{p}: not a valid routes file ({type(e).__name__}: {e})") from None
+                _grid(layer.get(key), want, f"block {block} {key}")
+    except ValueError as e:
+        raise ConfigError(f"{p}: not a valid routes file ({e})") from None
     return doc
 
 

@@ -45,6 +45,9 @@ class Task:
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     generation: ClassVar[GenerationConfig] = GenerationConfig()
     description: ClassVar[str] = ""
+    # Part of each split's cache name: a split is built once per (task, split, seed, data_version),
+    # so raise it when build_dataset changes, or the old cached split is read as before.
+    data_version: ClassVar[int] = 1
 
     def build_dataset(self, split: str, root: Path, seed: int) -> Sequence[Any]:
         raise NotImplementedError

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,19 +26,39 @@ EXAMPLE_SIZES = {"train": 12, "test": 4}  # rows per split of `pathways-mm data 
 _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
-def run_cli(args, data_dir: Path, timeout: float = 300, env_extra: dict | None = None, module: str = "pathways_mm.cli"):
-    """`python -m pathways_mm.cli ARGS` in a fresh process (no launcher environment), output captured."""
+def run_cli(
+    args,
+    data_dir: Path,
+    timeout: float = 300,
+    env_extra: dict | None = None,
+    module: str = "pathways_mm.cli",
+    cwd: Path = ROOT,
+    max_file_bytes: int | None = None,
+):
+    """`python -m pathways_mm.cli ARGS` in a fresh process (no launcher environment), output captured.
+
+    `max_file_bytes`: no file may grow past this (RLIMIT_FSIZE): writes beyond it fail as on a full disk.
+    """
     env = {**os.environ, "PMM_DATA": str(data_dir), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     for key in _LAUNCH_ENV:
         env.pop(key, None)
+    limit = None
+    if max_file_bytes is not None:
+        limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))  # noqa: E731
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
+        preexec_fn=limit,
     )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `pathways-mm: error:` lines of a command's stderr, each required to start its own line."""
+    return [line for line in stderr.split("\n") if line.startswith("pathways-mm: error:")]
 
 
 def deepspeed_launch(num: int, args, data_dir: Path, timeout: float = 600, env_extra: dict | None = None):

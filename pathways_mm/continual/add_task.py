@@ -29,6 +29,7 @@ from pathways_mm import dist
 from pathways_mm.config import (
     ContinualConfig,
     ExperimentConfig,
+    check_range,
     data_root,
     load_config,
     model_differences,
@@ -41,7 +42,7 @@ from pathways_mm.data.datasets import encode, load_split
 from pathways_mm.data.declared import declare_tasks
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text
+from pathways_mm.io import atomic_write_text, output_dir
 from pathways_mm.model.batch import Batch
 from pathways_mm.model.generate import target_logits
 from pathways_mm.model.model import build_model, param_counts
@@ -51,9 +52,9 @@ from pathways_mm.routing.router import fewest_covering
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import compat
 from pathways_mm.runtime import engine as ds_engine
-from pathways_mm.tasks import Task, get_task
+from pathways_mm.tasks import Task, ensure_loaded, get_task
 from pathways_mm.training.evaluate import evaluate
-from pathways_mm.training.loop import Hooks, run
+from pathways_mm.training.loop import Hooks, run, run_files
 from pathways_mm.training.losses import forward_loss
 from pathways_mm.training.routes import expert_counts
 
@@ -271,13 +272,19 @@ def _with_user_settings(old: ExperimentConfig, config: str | None, overrides: di
             )
         declare = {**old.declare, **user.declare}  # the new task may be one the user's config declares
         return old.replace(
-            data=user.data, eval=user.eval, train=user.train, seed=user.seed, plugins=user.plugins, declare=declare
+            data=user.data,
+            eval=user.eval,
+            train=user.train,
+            seed=user.seed,
+            plugins=user.plugins,
+            declare=declare,
+            source=user.source,
         )
     return old
 
 
 def _check_request(old: ExperimentConfig, tag_dir: Path, table: dict[str, int], opts: AddTaskOptions) -> None:
-    task, grow, steps, adapter_rank = opts.task, opts.grow_experts, opts.steps, opts.adapter_rank
+    task, grow, adapter_rank = opts.task, opts.grow_experts, opts.adapter_rank
     if task in table:
         raise ConfigError(f"task '{task}' already exists in {tag_dir} (id {table[task]}); add a task it does not have")
     get_task(task)  # unknown task: ConfigError naming the registered ones
@@ -286,8 +293,6 @@ def _check_request(old: ExperimentConfig, tag_dir: Path, table: dict[str, int], 
         raise ConfigError(
             f"{tag_dir} is a dense model: add-task needs MoE layers (train with model.moe.num_experts > 0)"
         )
-    if grow < 0:
-        raise ConfigError(f"--grow-experts must be >= 0, got {grow}")
     if (moe.num_experts + grow) % moe.ep_size:
         raise ConfigError(
             f"--grow-experts {grow}: {moe.num_experts} + {grow} experts do not split over ep_size="
@@ -295,9 +300,7 @@ def _check_request(old: ExperimentConfig, tag_dir: Path, table: dict[str, int], 
         )
     if len(table) + 1 > old.model.max_tasks:
         raise ConfigError(f"{tag_dir} already holds model.max_tasks={old.model.max_tasks} tasks; no pathway is free")
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if adapter_rank < 0 or (adapter_rank and old.model.adapter_rank not in (0, adapter_rank)):
+    if adapter_rank and old.model.adapter_rank not in (0, adapter_rank):
         raise ConfigError(
             f"--adapter-rank {adapter_rank}: the checkpoint's adapters have rank {old.model.adapter_rank}; "
             f"use {old.model.adapter_rank} (or 0 for none)"
@@ -309,8 +312,10 @@ def _out_dir(tag_dir: Path, task: str, out_dir: str | None) -> Path:
     out = Path(out_dir) if out_dir else run_dir.with_name(f"{run_dir.name}+{task}")
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ConfigError(f"--out-dir {out} is inside the source run {run_dir}; write the new model elsewhere")
-    if (out / "checkpoints").exists():
-        raise ConfigError(f"--out-dir {out} already holds a run; choose another directory")
+    output_dir(out, "--out-dir")
+    found = run_files(out)
+    if found:
+        raise ConfigError(f"--out-dir {out} already holds a run ({', '.join(found)}); choose another directory")
     return out
 
 
@@ -320,10 +325,16 @@ def prepare(source: str, opts: AddTaskOptions) -> Request:
     overrides, config = opts.overrides, opts.config
     if config is None and ("model" in overrides or "tasks" in overrides):
         raise ConfigError("--set may change train/data/eval settings, not the model or the task list")
+    check_range("train.steps", opts.steps, "--steps")
+    check_range("continual.grow_experts", opts.grow_experts, "--grow-experts")
+    check_range("continual.adapter_rank", opts.adapter_rank, "--adapter-rank")
     # --set applies on top of --config when both are given, else on top of the checkpoint's config
-    tag_dir, meta, old = ckpt.open_checkpoint(source, load_tokenizer(), overrides if config is None else None)
+    opened = ckpt.open_checkpoint(source, load_tokenizer(), overrides if config is None else None)
+    tag_dir, meta, old = opened
     old = _with_user_settings(old, config, overrides)
-    declare_tasks(old)  # a declared new task (from --config) can be looked up
+    ensure_loaded(old.plugins)  # the user's (--set plugins=[...] or --config); never the checkpoint's
+    declare_tasks(old)  # a declared new task (from --config) can be looked up; data, not code
+    ckpt.checkpoint_tasks(opened._replace(cfg=old))  # every old task registered, or which plugin to name
     _check_request(old, tag_dir, meta["task_table"], opts)
     out = _out_dir(tag_dir, opts.task, opts.out_dir)
     return Request(tag_dir, meta, old, new_config(old, opts, str(out)))

@@ -81,6 +81,17 @@ def _slots(rows_offsets: list[tuple[int, int, int]], L: int) -> torch.Tensor:
     return out
 
 
+def _text(raw: Any, what: str) -> str:
+    """`raw` if it is text the tokenizer can encode (UTF-8: no lone surrogates), else a MediaError."""
+    if not isinstance(raw, str):
+        raise MediaError(f"{what} must be a string, got {type(raw).__name__}")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MediaError(f"{what} is not valid Unicode ({e.reason} at character {e.start})") from None
+    return raw
+
+
 def _lay_out_segments(
     ex: MultimodalExample,
     b: int,
@@ -93,9 +104,7 @@ def _lay_out_segments(
     """Append the example's segments to `row`; media go to `media` (MediaError on a bad one)."""
     for modality, raw in ex.segments:
         if modality == "text":
-            if not isinstance(raw, str):
-                raise MediaError(f"a text segment must be a string, got {type(raw).__name__}")
-            row.extend(tokenizer.encode(raw), TEXT)
+            row.extend(tokenizer.encode(_text(raw, "a text segment")), TEXT)
             continue
         if modality == "image":
             img = prepare_image(raw, mcfg.vision, rng)
@@ -136,7 +145,10 @@ def _lay_out(
             f"task '{ex.task}': an input of {len(row.tokens)} positions (task token, media and prompt) does not fit "
             f"data.max_len={max_len}; raise data.max_len"
         )
-    target = tokenizer.encode(ex.target_text) if with_target else []
+    try:
+        target = tokenizer.encode(_text(ex.target_text, "the target")) if with_target else []
+    except MediaError as e:
+        raise ConfigError(f"task '{ex.task}', {where}: {e}") from None
     target = target[: max_len - len(row.tokens) - 1]
     row.prefix_len = len(row.tokens)
     row.target_bytes = len(tokenizer.decode_bytes(target))

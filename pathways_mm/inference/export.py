@@ -32,13 +32,13 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from pathways_mm.config import ExperimentConfig, config_from_dict, data_root, one_process, to_dict
+from pathways_mm.config import ExperimentConfig, check_range, config_from_dict, data_root, one_process, to_dict
 from pathways_mm.data.collate import collate, prompt_only
 from pathways_mm.data.datasets import encode, load_split
 from pathways_mm.data.declared import declare_tasks
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text, atomic_writer
+from pathways_mm.io import atomic_write_text, atomic_writer, load_json, output_dir
 from pathways_mm.model.adapters import is_adapter
 from pathways_mm.model.generate import greedy_generate, target_logits
 from pathways_mm.model.model import PathwaysModel, build_model
@@ -46,7 +46,7 @@ from pathways_mm.routing import moe_layers
 from pathways_mm.routing.pathways import restrict_experts
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import engine as ds_engine
-from pathways_mm.tasks import Task, get_task
+from pathways_mm.tasks import Task, ensure_loaded, get_task
 from pathways_mm.training.routes import expert_counts
 
 INFO = "export.json"
@@ -131,11 +131,23 @@ def _parity(full: tuple[list, list], sub: tuple[list, list], num_samples: int) -
     }
 
 
-def run_export(source: str, task_name: str | None, out: str, max_samples: int | None = None) -> dict[str, Any]:
+def run_export(
+    source: str,
+    task_name: str | None,
+    out: str,
+    max_samples: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Export a checkpoint to DIR: the whole model (`task_name` None) or one task's sub-network
-    (parity-checked); returns export.json."""
+    (parity-checked); returns export.json.
+
+    overrides: the user's --set values (nested), e.g. the plugins that register the task.
+    """
+    check_range("eval.max_samples", max_samples, "--max-samples")
+    out_dir = output_dir(out, "--out", empty=True)
     tok = load_tokenizer()
-    tag_dir, meta, cfg = ckpt.open_checkpoint(source, tok)
+    opened = ckpt.open_checkpoint(source, tok, overrides)
+    tag_dir, meta, cfg = opened
     cfg = one_process(cfg)
     table = meta["task_table"]
     if task_name is not None and task_name not in table:
@@ -146,10 +158,10 @@ def run_export(source: str, task_name: str | None, out: str, max_samples: int | 
         raise ConfigError(
             f"{tag_dir} is a dense model: there are no experts to cut (export it whole: leave out --task)"
         )
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"--out {out_dir} exists and is not empty; choose a new directory")
+    ensure_loaded(cfg.plugins)  # the user's (--set plugins=[...]); a checkpoint never names them
     declare_tasks(cfg)  # data, not code: a checkpoint's declared tasks are safe to rebuild
+    if task_name is not None:
+        ckpt.checkpoint_tasks(opened, [task_name])  # registered, or which plugin to name
     model = build_model(cfg.model, tok.vocab_size)
     ckpt.load_weights(model, ckpt.load_full_state(tag_dir), tag_dir)
     head = {
@@ -266,13 +278,12 @@ def load_export(path: str | Path) -> tuple[PathwaysModel, dict[str, Any]]:
     """The exported model (on the CPU, eval mode) and its export.json: the whole run, or one
     task's sub-network."""
     d = Path(path)
-    try:
-        info = json.loads((d / INFO).read_text())
-        cfg = config_from_dict(info["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{d}: not a pathways-mm export ({INFO}: {e})") from None
+    info = load_json(d / INFO, "pathways-mm export description")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise ConfigError(f"{d / INFO}: not a pathways-mm export (no config)")
     if info.get("format") != FORMAT:
         raise ConfigError(f"{d}: export format {info.get('format', 1)}, this pathways-mm reads {FORMAT}; export again")
+    cfg = config_from_dict(info["config"])
     tok = load_tokenizer()
     if info.get("tokenizer_hash") != tok.hash:
         raise ConfigError(f"{d}: exported with tokenizer {info.get('tokenizer_hash')}, this install has {tok.hash}")

@@ -1,9 +1,11 @@
 """Checkpoints: DeepSpeed's files plus our metadata, checksum manifests, publishing, loading.
 
 A checkpoint is published by writing its manifest (sha256 and size of every file) last and
-atomically, then the `latest` pointer. A tag dir without a manifest is a save that did not
-finish (a killed rank, a pre-empted job) and is never loaded. Every file is read with
-`torch.load(weights_only=True)`: a checkpoint never decides what code runs.
+atomically, then the `latest` pointer. A tag dir without a manifest is never loaded: it is a
+save that did not finish (a killed rank, a pre-empted job), or one whose files nothing can
+verify. Every file is read with `torch.load(weights_only=True)`, and a checkpoint's config
+never names the plugins to import or the paths of this machine (`config.USER_ONLY_KEYS`): a
+checkpoint never decides what code runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable
@@ -20,11 +23,19 @@ from typing import Any, NamedTuple
 import torch
 
 from pathways_mm import dist
-from pathways_mm.config import ExperimentConfig, config_from_dict, merge_dicts, model_differences, to_dict
+from pathways_mm.config import (
+    ExperimentConfig,
+    config_from_dict,
+    from_checkpoint,
+    merge_dicts,
+    model_differences,
+    to_dict,
+)
 from pathways_mm.encoders.text import TextTokenizer
-from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text, existing
+from pathways_mm.errors import ConfigError, TrainingAborted, clip, shorten
+from pathways_mm.io import atomic_write_text, describe_os_error, existing, load_json
 from pathways_mm.runtime import compat, faults
+from pathways_mm.tasks import Task, get_task
 
 META_FILE = "pmm_meta.json"
 MANIFEST = "pmm_manifest.json"
@@ -61,16 +72,12 @@ def publish(tag_dir: Path, step: int, files: dict[str, dict[str, Any]]) -> None:
 def read_manifest(tag_dir: Path) -> dict[str, dict[str, Any]]:
     """The manifest's file table; ConfigError naming the manifest if it is not one."""
     path = tag_dir / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-        files = data["files"]
-        ok = isinstance(files, dict) and all(
-            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
-            for e in files.values()
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint manifest ({type(e).__name__}: {e})") from None
-    if not ok or any(Path(n).is_absolute() or ".." in Path(n).parts for n in files):
+    data = load_json(path, "checkpoint manifest")
+    files = data.get("files") if isinstance(data, dict) else None
+    ok = isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int for e in files.values()
+    )
+    if not ok or any(Path(n).is_absolute() or ".." in Path(n).parts or not n for n in files):
         raise ConfigError(f"{path}: malformed checkpoint manifest (expected files: {{name: {{sha256, bytes}}}})")
     return files
 
@@ -125,12 +132,6 @@ def verify(tag_dir: Path) -> list[str]:
     return sorted(p for part in dist.gather(problems(tag_dir, names[rank::world], files)) for p in part)
 
 
-def _is_legacy(tag_dir: Path) -> bool:
-    """Saved by a pathways-mm without manifests: only trusted where DeepSpeed's `latest` names it."""
-    latest = tag_dir.parent / LATEST
-    return (tag_dir / META_FILE).is_file() and latest.is_file() and latest.read_text().strip() == tag_dir.name
-
-
 def _say(msg: str) -> None:
     if dist.rank_world()[0] == 0:
         print(f"pathways-mm: {msg}", file=sys.stderr)
@@ -144,10 +145,7 @@ def newest_intact(ckpt_dir: Path) -> Path | None:
     damaged: list[str] = []
     for tag_dir in tag_dirs(ckpt_dir):
         if not is_published(tag_dir):
-            if _is_legacy(tag_dir):
-                _say(f"{tag_dir} has no checksum manifest (saved by an older pathways-mm); loading it unverified")
-                return tag_dir
-            _say(f"skipping {tag_dir}: its save did not finish (no {MANIFEST})")
+            _say(f"skipping {tag_dir}: its save did not finish (no {MANIFEST}), so nothing can verify it")
             continue
         bad = verify(tag_dir)
         if not bad:
@@ -168,12 +166,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """
     p = existing(path, "checkpoint", "give a run directory such as runs/demo, or one of its checkpoints", kind="any")
     if (p / META_FILE).is_file():
-        if is_published(p):
-            bad = verify(p)
-            if bad:
-                raise ConfigError(f"{bad[0]}; use an older checkpoint of the run")
-        elif not _is_legacy(p):
-            raise ConfigError(f"{p}: unfinished checkpoint (no {MANIFEST}: its save was interrupted)")
+        if not is_published(p):
+            raise ConfigError(
+                f"{p}: unfinished checkpoint (no {MANIFEST}: its save was interrupted, or nothing recorded "
+                "its checksums); unverified weights are never loaded: use another checkpoint of the run"
+            )
+        bad = verify(p)
+        if bad:
+            raise ConfigError(f"{bad[0]}; use an older checkpoint of the run")
         return p
     for cand in (p / "checkpoints", p):
         found = newest_intact(cand) if cand.is_dir() else None
@@ -190,16 +190,13 @@ META_TYPES = {"step": int, "config": dict, "task_table": dict, "tokenizer_hash":
 def read_meta(tag_dir: Path) -> dict[str, Any]:
     """The checkpoint's metadata, checked for the keys and types that loading relies on."""
     path = tag_dir / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    meta = load_json(path, "checkpoint metadata")
     if not isinstance(meta, dict):
         raise ConfigError(f"{path}: checkpoint metadata is not a JSON object")
     for key, tp in META_TYPES.items():
         if not isinstance(meta.get(key), tp) or isinstance(meta.get(key), bool):
             raise ConfigError(
-                f"{path}: checkpoint metadata needs '{key}' of type {tp.__name__}, got {meta.get(key)!r:.60}"
+                f"{path}: checkpoint metadata needs '{key}' of type {tp.__name__}, got {shorten(meta.get(key))}"
             )
     if not isinstance(meta["config"].get("model"), dict):
         raise ConfigError(f"{path}: checkpoint metadata has no config.model section")
@@ -256,22 +253,45 @@ class Opened(NamedTuple):
 
 def open_checkpoint(path: str | os.PathLike, tok: TextTokenizer, overrides: dict[str, Any] | None = None) -> Opened:
     """Resolve `path` (run dir, checkpoints/ or a tag dir), verify it, read its metadata and build
-    its config with `overrides` (a nested dict of the user's --set values) merged in.
+    its config: the stored one without the keys only the user sets (`config.USER_ONLY_KEYS`:
+    plugins, data root, DeepSpeed JSON), with `overrides` (the user's --set values, nested) on top.
 
     The config must still describe the stored model (`check_compatible`); the task table and
     tokenizer must match. Every command that loads a trained model starts here.
     """
     tag_dir = resolve_checkpoint(path)
     meta = read_meta(tag_dir)
-    source = meta["config"].get("source")
     try:
-        cfg = config_from_dict(
-            merge_dicts(meta["config"], overrides or {}), source=source if isinstance(source, str) else None
-        )
+        cfg = config_from_dict(merge_dicts(from_checkpoint(meta["config"]), overrides or {}))
     except ConfigError as e:
         raise ConfigError(f"{tag_dir}: checkpoint config is not valid here: {e}") from None
     check_compatible(meta, cfg, tok, where=str(tag_dir / META_FILE))
     return Opened(tag_dir, meta, cfg)
+
+
+def checkpoint_tasks(opened: Opened, names: list[str] | None = None) -> list[Task]:
+    """The checkpoint's tasks in task-table order (or those `names`). A task no imported module
+    registers names the plugin modules the checkpoint's config lists, which are imported only
+    when the user names them."""
+    tag_dir, meta, cfg = opened
+    table = meta["task_table"]
+    names = sorted(table, key=table.get) if names is None else names
+    stored = meta["config"].get("plugins")
+    hint = [m for m in stored if isinstance(m, str) and m not in cfg.plugins] if isinstance(stored, list) else []
+    tasks = []
+    for name in names:
+        try:
+            tasks.append(get_task(name))
+        except ConfigError as e:
+            if not hint:
+                raise
+            plugins = clip(",".join(hint), 120)
+            raise ConfigError(
+                f"task {shorten(name)} of {tag_dir} is not registered; the checkpoint was trained with plugins "
+                f"[{plugins}], which are imported only when you name them: add --set plugins=[{plugins}] "
+                f"(or list them under plugins: in your --config)"
+            ) from e
+    return tasks
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
@@ -290,18 +310,55 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], kee
             latest.unlink()
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"pmm_meta": meta, "step": step}, save_latest=False)
-    if rank == 0:
-        atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"pmm_meta": meta, "step": step}, save_latest=False)
+        if rank == 0:
+            atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise _write_failed(tag_dir, e) from e
     faults.maybe_die("kill_during_save", step, rank)
     dist.barrier()  # every rank's files are complete
     names = list_files(tag_dir)
     files = {k: v for part in dist.gather(hash_files(tag_dir, names[rank::world])) for k, v in part.items()}
     if rank == 0:
-        publish(tag_dir, step, files)
+        try:
+            publish(tag_dir, step, files)
+        except OSError as e:
+            raise _write_failed(tag_dir, e) from e
         prune(ckpt_dir, keep)
     dist.barrier()
     return tag_dir
+
+
+def _write_failed(tag_dir: Path, e: BaseException) -> TrainingAborted:
+    """A checkpoint that could not be written (disk full, permissions): one line, and the unfinished
+    tag dir removed so it frees the space it took; older checkpoints are untouched."""
+    if dist.rank_world()[0] == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    reason = (
+        describe_os_error(e)
+        if isinstance(e, OSError)
+        else clip(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    )
+    free = shutil.disk_usage(tag_dir.parent).free if tag_dir.parent.is_dir() else None
+    room = f"; {free / 2**20:.0f} MiB free there" if free is not None else ""
+    return TrainingAborted(
+        f"could not write checkpoint {tag_dir} ({reason}){room}; free space (or fix permissions), then continue "
+        "from the last complete checkpoint with --resume"
+    )
+
+
+def _refusal(e: Exception) -> str:
+    """Why torch refused a file, without its advice to retry with weights_only=False: that would run
+    whatever code the file holds."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds pickled code or objects ({found.group(1)}), not only tensors"
+    if "Weights only load failed" in text:
+        return "it holds pickled objects other than tensors and plain containers"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"{type(e).__name__}: {clip(first)}"
 
 
 def weights_only_load(path: str, map_location=None):
@@ -313,8 +370,7 @@ def weights_only_load(path: str, map_location=None):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for a damaged zip
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: refused to load ({type(e).__name__}: {reason})") from None
+        raise ConfigError(f"{path}: refused to load ({_refusal(e)})") from None
 
 
 def load_checkpoint(engine, tag_dir: Path, with_optimizer: bool = True, with_moments: bool = True) -> None:

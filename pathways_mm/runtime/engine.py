@@ -6,11 +6,16 @@ evaluation and the tools that load a model call it (checkpoints: `runtime.checkp
 
 from __future__ import annotations
 
-import json
+import contextlib
+import copy
+import io
 import math
 import os
 import socket
+import sys
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +23,27 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch.utils import cpp_extension
 
 from pathways_mm.config import ExperimentConfig, resolve_relative
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import existing
+from pathways_mm.io import existing, load_json
 from pathways_mm.runtime import compat
+
+# What `train.ds_config: null` (the default) means, wherever the experiment file lives: float32,
+# ZeRO stage 0, AdamW (configs/ds/cpu.json holds the same; gpu_bf16*.json add bf16 and ZeRO).
+BUILTIN_DS: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 1.0,
+    "steps_per_print": 1_000_000,
+    "wall_clock_breakdown": False,
+    "zero_optimization": {"stage": 0},
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": "auto", "torch_adam": True},
+    },
+}
 
 
 def free_port() -> int:
@@ -56,11 +77,50 @@ def init_distributed(threads: int = 0) -> tuple[int, int]:
     elif threads:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        if not torch.cuda.is_available():
+            _warn_stale_build_lock("deepspeed_shm_comm")
+        with _quiet():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         _unlink_shm_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _warn_stale_build_lock(op: str, stale_s: float = 600) -> None:
+    """Say so when DeepSpeed's JIT build of `op` will wait on a lock nobody holds. A process
+    killed while building (a timeout, Ctrl-C in the first minute of a first run) leaves the lock
+    file; torch then waits on it forever, silently. A build takes about a minute, so a lock older
+    than `stale_s` is almost surely such a leftover."""
+    try:
+        lock = Path(cpp_extension._get_build_directory(op, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, RuntimeError, AttributeError):  # no lock (the usual case), or torch moved it
+        return
+    if age > stale_s:
+        print(
+            f"pathways-mm: waiting on {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed build that was "
+            "killed; if no other pathways-mm is starting on this machine, delete it",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back what DeepSpeed prints while it starts ("... shm_comm_op built successfully", "No
+    existing process group found ...", on stdout among a command's results); shown if start-up
+    fails, or always with PMM_VERBOSE=1."""
+    if os.environ.get("PMM_VERBOSE"):
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        sys.stdout.write(held.getvalue())
+        raise
 
 
 def _unlink_shm_buffer() -> None:
@@ -105,15 +165,17 @@ def _fill(node: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON named by `train.ds_config`, with "auto" values filled from `cfg`."""
-    path = resolve_relative(cfg, cfg.train.ds_config)
-    existing(
-        path, "train.ds_config: DeepSpeed config", "set train.ds_config to a JSON file such as configs/ds/cpu.json"
-    )
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    """The DeepSpeed JSON named by `train.ds_config` (BUILTIN_DS when null), with "auto" values filled from `cfg`."""
+    if cfg.train.ds_config is None:
+        path, ds = Path("train.ds_config"), copy.deepcopy(BUILTIN_DS)
+    else:
+        path = resolve_relative(cfg, cfg.train.ds_config)
+        existing(
+            path, "train.ds_config: DeepSpeed config", "set train.ds_config to a JSON file such as configs/ds/cpu.json"
+        )
+        ds = load_json(path, "DeepSpeed config")
+        if not isinstance(ds, dict):
+            raise ConfigError(f"{path}: a DeepSpeed config is a JSON object")
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.train.micro_batch_size, path.name)
     _fill(ds, "gradient_accumulation_steps", cfg.train.grad_accum, path.name)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
@@ -182,7 +244,8 @@ def initialize(model: torch.nn.Module, cfg: ExperimentConfig, world_size: int):
     model = model.to(device())
     groups = param_groups(model, cfg.train.weight_decay)
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler)
+    with _quiet():  # "No existing process group found, creating a new group named: ep_size_1" on stdout
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler)
     compat.set_all_group_timeouts(cfg.train.collective_timeout_s)
     return engine
 
@@ -239,7 +302,8 @@ def eval_ds_config() -> dict[str, Any]:
 
 def initialize_for_eval(model: torch.nn.Module, cfg: ExperimentConfig):
     """An inference engine (no optimizer) around `model`: expert-parallel groups, bf16 on a GPU."""
-    engine, *_ = deepspeed.initialize(model=model.to(device()), config=eval_ds_config())
+    with _quiet():
+        engine, *_ = deepspeed.initialize(model=model.to(device()), config=eval_ds_config())
     compat.set_all_group_timeouts(cfg.train.collective_timeout_s)
     return engine
 

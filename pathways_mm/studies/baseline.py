@@ -18,8 +18,9 @@ from typing import Any
 from pathways_mm.config import ExperimentConfig, ModelConfig
 from pathways_mm.data.taskset import load_tasks, make_sampler
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text, existing
-from pathways_mm.training.loop import run
+from pathways_mm.io import atomic_write_text, output_dir
+from pathways_mm.training.evaluate import load_report
+from pathways_mm.training.loop import run, run_files
 
 
 def dense_counterpart(m: ModelConfig) -> ModelConfig:
@@ -81,14 +82,15 @@ def comparison_table(multi: dict[str, Any], single: dict[str, dict[str, Any]], s
 def run_baselines(
     cfg: ExperimentConfig, tasks: Sequence[str], out_dir: Path, compare: str | None = None
 ) -> dict[str, Any]:
-    """Train and evaluate one baseline per task, one after another in this process; print the comparison."""
+    """Train and evaluate one baseline per task, one after another in this process; print the comparison.
+
+    Each baseline is its own run directory under `out_dir`; a rerun continues (or re-evaluates) it.
+    """
     unknown = [t for t in tasks if t not in cfg.tasks]
     if unknown:
         raise ConfigError(f"--task {unknown[0]}: not one of the experiment's tasks {list(cfg.tasks)}")
-    multi = {}
-    if compare:
-        path = existing(compare, "--compare file", "write it with `pathways-mm eval RUN --out FILE`")
-        multi = json.loads(path.read_text()).get("tasks", {})
+    multi = load_report(compare, "--compare file") if compare else {}  # checked before any training
+    output_dir(out_dir, "--out-dir")
     shares = mixture_shares(cfg)
     single, steps = {}, {}
     for task in tasks or cfg.tasks:
@@ -98,7 +100,7 @@ def run_baselines(
             f"pathways-mm: baseline {task}: dense, {bcfg.train.steps} steps ({shares[task]:.1%} of {cfg.train.steps})",
             file=sys.stderr,
         )
-        summary = run(bcfg)
+        summary = run(bcfg, resume=bool(run_files(Path(bcfg.train.out_dir))))
         single[task] = summary["eval"][task]
         atomic_write_text(
             Path(bcfg.train.out_dir, "eval.json"),

@@ -49,11 +49,12 @@ def final_eval(run_dir: Path) -> dict[str, Any]:
 
 
 def write_config(cfg: ExperimentConfig, path: Path) -> Path:
-    """`cfg` as an experiment YAML; its DeepSpeed config named by absolute path (the YAML lives
-    elsewhere than the original)."""
+    """`cfg` as an experiment YAML; its DeepSpeed config (if it names one) by absolute path (the
+    YAML lives elsewhere than the original)."""
     data = to_dict(cfg)
     data.pop("source", None)
-    data["train"]["ds_config"] = str(resolve_relative(cfg, cfg.train.ds_config))
+    if cfg.train.ds_config is not None:
+        data["train"]["ds_config"] = str(resolve_relative(cfg, cfg.train.ds_config))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path

@@ -21,7 +21,7 @@ from typing import Any
 
 from pathways_mm.config import ContinualConfig, ExperimentConfig
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text
+from pathways_mm.io import atomic_write_text, output_dir
 from pathways_mm.metrics import LOWER_IS_BETTER
 from pathways_mm.studies.common import final_eval, only_tasks, primary, run_stage, train_stage
 
@@ -32,7 +32,7 @@ def run_continual(cfg: ExperimentConfig, out: Path, say=print) -> dict[str, Any]
         raise ConfigError(f"{cfg.source}: continual.add lists no task to add after {list(cfg.tasks)}")
     if not cfg.model.moe.num_experts:
         raise ConfigError("continual: the model needs MoE layers (model.moe.num_experts > 0) for add-task")
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out, "--out-dir").mkdir(parents=True, exist_ok=True)
     base = cfg.replace(continual=ContinualConfig())
     train_stage(base, out / "base", say)
     rows, chain = [], out / "base"

@@ -17,21 +17,21 @@ from typing import Any
 import torch
 
 from pathways_mm import dist, routes_file
-from pathways_mm.config import ExperimentConfig, data_root, one_process
+from pathways_mm.config import ExperimentConfig, check_range, data_root, one_process
 from pathways_mm.data.collate import collate, prompt_only
 from pathways_mm.data.datasets import encode, load_split
 from pathways_mm.data.declared import declare_tasks
 from pathways_mm.data.sources import Row
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.io import atomic_write_text
+from pathways_mm.io import atomic_write_text, existing, load_json, output_file
 from pathways_mm.metrics import EvalRow, format_table, sample_metrics, score
 from pathways_mm.model.generate import greedy_generate
 from pathways_mm.model.model import build_model
 from pathways_mm.routing import telemetry
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import engine as ds_engine
-from pathways_mm.tasks import Task, ensure_loaded, get_task
+from pathways_mm.tasks import Task, ensure_loaded
 from pathways_mm.training import routes
 from pathways_mm.training.losses import forward_loss
 
@@ -178,18 +178,25 @@ def run_eval(
     overrides: the user's --set values (nested dict); routes_out: also count where the evaluated
     tokens go and write a routes file there; predictions_out: also write one JSON line per sample.
     """
+    check_range("eval.max_samples", max_samples, "--max-samples")
+    for flag, path in (("--out", out), ("--routes", routes_out)):
+        if path is not None:
+            output_file(path, flag)
     tok = load_tokenizer()
-    tag_dir, meta, cfg = ckpt.open_checkpoint(checkpoint, tok, overrides)
+    opened = ckpt.open_checkpoint(checkpoint, tok, overrides)
+    tag_dir, meta, cfg = opened
+    report_path = Path(out) if out else tag_dir / f"eval_{split or cfg.eval.split}.json"
+    output_file(report_path, "the report (written inside the checkpoint without --out)")
+    if predictions_out:
+        output_file(predictions_out, "--predictions")
     rank, world = ds_engine.init_distributed(cfg.train.threads)
     moe = cfg.model.moe
     if moe.num_experts and (moe.ep_size > world or world % moe.ep_size):
         # Experts are stored one file each, so any ep_size that fits this run can load them.
         cfg = one_process(cfg)
-    # Only plugins the user names are imported: a checkpoint from someone else must not choose code to run.
-    ensure_loaded(cfg.plugins if overrides and "plugins" in overrides else ())
+    ensure_loaded(cfg.plugins)  # the user's (--set plugins=[...]); a checkpoint never names them
     declare_tasks(cfg)  # declared tasks are data, not code: the checkpoint's declarations are safe to use
-    table = meta["task_table"]
-    tasks = [get_task(name) for name in sorted(table, key=table.get)]
+    tasks = ckpt.checkpoint_tasks(opened)
     engine = ds_engine.initialize_for_eval(build_model(cfg.model, tok.vocab_size), cfg)
     ckpt.load_checkpoint(engine, tag_dir, with_optimizer=False)
     if routes_out:
@@ -211,12 +218,31 @@ def run_eval(
             print(f"pathways-mm: wrote {routes_file.write(routes_out, doc)}", file=sys.stderr)
     if rank == 0:
         print(format_table(results))
-        path = Path(out) if out else tag_dir / f"eval_{report['split']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(report, indent=2))
-        print(f"pathways-mm: wrote {path}", file=sys.stderr)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(report_path, json.dumps(report, indent=2))
+        print(f"pathways-mm: wrote {report_path}", file=sys.stderr)
         if predictions_out:
             Path(predictions_out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(predictions_out, "".join(json.dumps(p) + "\n" for p in predictions))
             print(f"pathways-mm: wrote {len(predictions)} predictions to {predictions_out}", file=sys.stderr)
     return report
+
+
+def load_report(path: str, what: str) -> dict[str, dict[str, Any]]:
+    """The per-task results of an `eval --out` report, checked: task -> {metric: number, ...}."""
+    p = existing(path, what, "write it with `pathways-mm eval RUN --out FILE`")
+    doc = load_json(p, "evaluation report")
+    tasks = doc.get("tasks") if isinstance(doc, dict) else None
+    ok = isinstance(tasks, dict) and all(
+        isinstance(res, dict)
+        and all(
+            isinstance(v, (dict, type(None))) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            for v in res.values()
+        )
+        for res in tasks.values()
+    )
+    if not ok:
+        raise ConfigError(
+            f"{p}: not an evaluation report (expected tasks: {{task: {{metric: number}}}}, as `eval --out` writes)"
+        )
+    return tasks

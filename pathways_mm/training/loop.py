@@ -1,6 +1,6 @@
 """Multi-task training on DeepSpeed, one process or many.
 
-    pathways-mm train CONFIG [--set key=value ...] [--resume] [--stop-after STEP]
+    pathways-mm train CONFIG [--set key=value ...] [--resume | --overwrite] [--stop-after STEP]
     deepspeed --num_gpus N --module pathways_mm.cli train CONFIG [--set ...] [--resume]
 
 `run` reads as the loop itself: set up, then per step train, log, save, evaluate; finish.
@@ -11,6 +11,7 @@ Shape suffixes: B rows of a micro-batch, T tasks.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -23,13 +24,13 @@ import yaml
 from tqdm import tqdm
 
 from pathways_mm import dist, routes_file
-from pathways_mm.config import ExperimentConfig, to_dict
+from pathways_mm.config import ExperimentConfig, check_range, to_dict
 from pathways_mm.data.loader import micro_batches
 from pathways_mm.data.sampler import MixtureSampler
 from pathways_mm.data.taskset import LoadedBatch, TaskSet, load_tasks, make_sampler
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
-from pathways_mm.errors import TrainingAborted
-from pathways_mm.io import atomic_write_text
+from pathways_mm.errors import ConfigError, TrainingAborted
+from pathways_mm.io import atomic_write_text, output_dir
 from pathways_mm.metrics import format_table
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.runtime import checkpoint as ckpt
@@ -134,30 +135,80 @@ class Run:
             print(f"pathways-mm: {msg}", file=sys.stderr)
 
 
+# What `train` writes into train.out_dir; a folder holding the first two holds a run, and
+# `--overwrite` deletes all four (nothing else in the folder).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "routes")
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """The marks of a training run in `out_dir` (checkpoints/, metrics.jsonl); empty: no run there."""
+    return [name for name in RUN_FILES[:2] if (out_dir / name).exists()]
+
+
+def claim_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+    """Train into train.out_dir only if it holds no run, or with --resume (continue it) or
+    --overwrite (delete the run's files first). Rank 0 decides; every rank gets its answer."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in train.out_dir and --overwrite deletes it; give one")
+    out = Path(cfg.train.out_dir)
+    problem = None
+    if dist.rank_world()[0] == 0:
+        try:
+            output_dir(out, "train.out_dir")
+            found = run_files(out)
+            if found and not resume and not overwrite:
+                problem = (
+                    f"train.out_dir {out} already holds a run ({', '.join(found)}); continue it with --resume, "
+                    "or start over with --overwrite (deletes its checkpoints and metrics), or set another train.out_dir"
+                )
+            elif found and overwrite:
+                for path in (out / name for name in RUN_FILES):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+                print(f"pathways-mm: --overwrite: deleted the run in {out}", file=sys.stderr)
+        except ConfigError as e:
+            problem = str(e)
+    problem = dist.broadcast(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
 def run(
-    cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None, hooks: Hooks | None = None
+    cfg: ExperimentConfig,
+    resume: bool = False,
+    stop_after: int | None = None,
+    hooks: Hooks | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train `cfg` to `train.steps` (or save and stop at `stop_after`); returns a summary.
 
+    train.out_dir must hold no run unless `resume` (continue it) or `overwrite` (delete it first).
     A peer that stops answering ends the run with TrainingAborted naming the rank and the step.
     """
+    check_range("train.steps", stop_after, "--stop-after")
     rank, world = ds_engine.init_distributed(cfg.train.threads)
+    claim_out_dir(cfg, resume, overwrite)
     with CollectiveGuard(rank, world, cfg.train.collective_timeout_s) as guard:
         r = set_up(cfg, rank, world, resume, hooks or Hooks())
-        for step in range(r.start, cfg.train.steps):
-            guard.step = done = step + 1
-            train_step(r, step)
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                log_step(r, done)
-            stopping = stop_after is not None and stop_after <= done < cfg.train.steps
-            if stopping or (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps):
-                save(r, done)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
-                evaluate_mid_run(r, done)
-            r.bar.update(1)
-            if stopping:
-                return stop(r, done)
-        return finish(r)
+        try:
+            for step in range(r.start, cfg.train.steps):
+                guard.step = done = step + 1
+                train_step(r, step)
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    log_step(r, done)
+                stopping = stop_after is not None and stop_after <= done < cfg.train.steps
+                if stopping or (cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.steps):
+                    save(r, done)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                    evaluate_mid_run(r, done)
+                r.bar.update(1)
+                if stopping:
+                    return stop(r, done)
+            return finish(r)
+        finally:
+            r.bar.close()  # a bar left open would put an error message on its line
 
 
 def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Hooks) -> Run:
@@ -174,6 +225,11 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
     if resume_from is not None:
         resume_meta = ckpt.read_meta(resume_from)
         ckpt.check_compatible(resume_meta, cfg, tok, where=str(resume_from / ckpt.META_FILE))
+        if resume_meta["step"] > cfg.train.steps:
+            raise ConfigError(
+                f"{resume_from}: --resume from step {resume_meta['step']}, past train.steps={cfg.train.steps}; "
+                "raise train.steps to continue that run, or start over with --overwrite"
+            )
     ts = load_tasks(cfg)
     model = build_model(cfg.model, tok.vocab_size)
     hooks.model_built(model, rank, world)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from pathways_mm import routes_file
+from pathways_mm.io import output_dir
 from pathways_mm.viz import html, png, views
 
 
@@ -17,6 +18,7 @@ def draw(
     `compare` is the earlier ("before") file. Returns the paths written, routes.html last.
     """
     other_path = compare
+    out = output_dir(out_dir, "--out")
     doc = routes_file.load(routes_path)
     before = routes_file.load(other_path) if other_path else None
     if before is not None:
@@ -24,7 +26,6 @@ def draw(
     v = views.views(doc)
     if not v.tasks:
         raise ValueError(f"{routes_path}: no task has counted tokens; nothing to draw")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = png.heatmaps(v, out) + [png.pathway_graph(v, out), png.reuse(v, out), png.modality_shares(v, out)]
     c = views.compare(before, doc) if before is not None else None

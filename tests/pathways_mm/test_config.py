@@ -1,17 +1,22 @@
 import dataclasses
+import re
 
 import pytest
 
 from pathways_mm.config import (
+    RANGES,
     SIZES,
+    USER_ONLY_KEYS,
     ExperimentConfig,
     ModelConfig,
     config_from_dict,
+    from_checkpoint,
     load_config,
     parse_overrides,
     to_dict,
 )
 from pathways_mm.errors import ConfigError
+from tests.helpers import ROOT
 
 
 def write(tmp_path, text):
@@ -83,7 +88,7 @@ DECLARE = "declare: {own: {inputs: {image: image}, target: label, splits: {train
         (DECLARE.replace("target: label", "target: label, prompts: x"), r"unknown config key 'declare.own.prompts'"),
         ("data: {on_bad_sample: ignore}\n", r"data.on_bad_sample: 'ignore' is not 'error' or 'skip'"),
         ("data: {max_bad_fraction: 1.0}\n", r"data.max_bad_fraction must be within \[0, 1\)"),
-        ("data: {num_workers: -1}\n", r"data.num_workers must be >= 0"),
+        ("data: {num_workers: -1}\n", r"data.num_workers must be between 0 and 1024"),
     ],
 )
 def test_bad_declarations_name_the_key(tmp_path, text, match):
@@ -115,7 +120,7 @@ def test_overrides(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["train.steps"])
     with pytest.raises(ConfigError, match="unknown config key 'train.setps'"):
-        load_config(write(tmp_path, ""), ["train.setps=1"])
+        load_config(write(tmp_path, "name: x\n"), ["train.setps=1"])
 
 
 def test_round_trip_through_dict():
@@ -138,3 +143,70 @@ def test_a_named_size_is_the_same_model_in_python_and_yaml(tmp_path):
     )
     with pytest.raises(ConfigError, match="unknown model size 'huge'"):
         ModelConfig(size="huge")
+
+
+def test_numbers_people_write_parse(tmp_path):
+    """`--set train.lr=1e-3` is the example of `add-task --help`; YAML 1.1 reads 1e-3 as a string."""
+    cfg = load_config(write(tmp_path, "train: {lr: 2e-3}\n"), ["train.min_lr_ratio=1e-1"])
+    assert cfg.train.lr == 0.002 and cfg.train.min_lr_ratio == 0.1
+    assert parse_overrides(["train.lr=1e-3"]) == {"train": {"lr": 0.001}}
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "{}\n", "---\n"])
+def test_an_empty_config_is_refused_not_run_with_defaults(tmp_path, text):
+    with pytest.raises(ConfigError, match="empty config; an experiment YAML holds what differs"):
+        load_config(write(tmp_path, text))
+
+
+def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice \(also on line 2\).*line 3"):
+        load_config(write(tmp_path, "train:\n  steps: 3\n  steps: 5\n"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.max_seq_len=10000000000", "model.max_seq_len must be between 1 and 65536, got 10000000000"),
+        ("train.micro_batch_size=100000000000", "train.micro_batch_size must be between 1 and 65536"),
+        ("seed=-1", "seed must be between 0 and"),
+        ("data.seed=-1", "data.seed must be between 0 and"),
+        ("train.collective_timeout_s=1e300", "train.collective_timeout_s must be > 0 and <= 604800"),
+        ("train.lr=0", "train.lr must be > 0 and <= 10"),
+        ("model.moe.capacity_factor=-1.0", "model.moe.capacity_factor must be > 0"),
+        ("eval.max_samples=-1", "eval.max_samples must be between 0 and"),
+    ],
+)
+def test_values_that_would_crash_later_are_refused_up_front(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, "name: x\n"), [override])
+
+
+def test_every_range_holds_its_default():
+    """The table names real keys, and the defaults (and every shipped config) sit inside it."""
+    cfg = config_from_dict(to_dict(ExperimentConfig()))  # validates, ranges included
+    for key in RANGES:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)  # AttributeError: the table names a key that does not exist
+    shipped = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        load_config(path)
+
+
+def test_echoed_values_are_cut_short(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "name: x\n"), ["train.steps=" + "x" * 100_000])
+    assert "train.steps: expected an integer, got str 'xxxx" in str(e.value) and len(str(e.value)) < 200
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "name: x\n"), ["tasks=[" + ",".join(["[1, [2, [3, [4]]]]"] * 5000) + "]"])
+    assert len(str(e.value)) < 300
+
+
+def test_a_checkpoint_never_sets_the_user_only_keys():
+    stored = to_dict(ExperimentConfig(plugins=("evil",), source="/their/exp.yaml"))
+    stored["data"]["root"], stored["train"]["ds_config"] = "/their/data", "/their/ds.json"
+    cfg = config_from_dict(from_checkpoint(stored))
+    assert cfg.plugins == () and cfg.source is None and cfg.data.root is None and cfg.train.ds_config is None
+    assert stored["plugins"] == ["evil"]  # the stored copy is left as it was
+    assert set(USER_ONLY_KEYS) == {"plugins", "source", "data.root", "train.ds_config"}

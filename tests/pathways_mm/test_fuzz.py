@@ -1,27 +1,36 @@
 """Malformed input — random bytes, wrong types, huge values — gives clean ConfigErrors only:
 never another exception, a hang or a partial file. Seeded, a few hundred cases, a few seconds.
 
-No routes-file loader exists on this branch yet; configs, fault specs, dataset caches, samples,
-checkpoint metadata and manifests are covered.
+Covered: configs and YAML, numeric edge values of every ranged key and flag, fault specs, dataset
+caches (random bytes, every truncation, tampered records, media banks), samples, checkpoint
+metadata and manifests (tampered values and tampered JSON), routes files, output paths and the
+file-system errors of writing.
 """
 
+import errno
 import json
+import os
 import random
 
+import numpy as np
 import pytest
 
-from pathways_mm.config import config_from_dict, load_config, to_dict
+from pathways_mm import io, routes_file
+from pathways_mm.config import RANGES, check_range, config_from_dict, load_config, parse_overrides, to_dict
 from pathways_mm.data.collate import collate
-from pathways_mm.data.datasets import encode, load_split, split_path
+from pathways_mm.data.datasets import encode, load_split, record_path, split_path
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import faults
 from pathways_mm.runtime.checkpoint import check_compatible
 from pathways_mm.tasks import Task, get_task
-from tests.helpers import DEBUG_CFG, run_cli, sets
+from pathways_mm.tasks.digits import cached_bank
+from pathways_mm.viz import views
+from tests.helpers import BEFORE, DEBUG_CFG, make_doc, run_cli, sets
 
-HUGE = [10**30, -(10**30), 2**63, 1e308, float("inf"), float("-inf"), float("nan"), -1, 0]
+HUGE = [10**30, -(10**30), 2**63, 2**63 - 1, 1e308, 1e-308, float("inf"), float("-inf"), float("nan"), -1, 0]
+HUGER = [*HUGE, 10**5000]  # past Python's 4300-digit limit for str(): echoing it must not crash
 
 
 def junk(rng: random.Random, depth: int = 0):
@@ -109,8 +118,8 @@ def test_dataset_cache_is_atomic_and_checked(tmp_path):
 def test_samples(task_name):
     rng = random.Random(3)
     task, tok = get_task(task_name), load_tokenizer()
-    for _ in range(200):
-        ex = clean(encode, task, junk(rng))
+    for i in range(200):
+        ex = clean(encode, task, junk(rng) if i % 20 else {"prompt": 10**5000, "text": [10**5000]})
         if ex is not None:
             clean(collate, [ex], [0], tok, rng.choice([2, 8, 96]))
 
@@ -170,3 +179,171 @@ def test_cli_shows_one_line_not_a_traceback(seed, tmp_path, data_dir):
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert len([line for line in res.stderr.splitlines() if line.startswith("pathways-mm: error:")]) == 1
+
+
+def test_numeric_edge_values_of_every_ranged_key():
+    """Each key of the range table at its edges and far past them: refused in one line, or inside its range."""
+    base = to_dict(load_config(DEBUG_CFG))
+    base.pop("source")
+    for key, (lo, hi) in RANGES.items():
+        for value in [*HUGER, lo, hi, lo - 1, hi + 1, lo + 0.5, True]:
+            data = json.loads(json.dumps(base))
+            *parents, last = key.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node[last] = value
+            cfg = clean(config_from_dict, data)
+            if cfg is not None:
+                got = cfg
+                for part in key.split("."):
+                    got = getattr(got, part)
+                assert got is None or lo <= got <= hi, (key, value)
+    for key in ("eval.max_samples", "train.steps", "continual.grow_experts", "continual.adapter_rank"):
+        for value in [*HUGER, -1, 0, 1]:
+            if not isinstance(value, float) or value == value:  # flags are integers (argparse's type=int)
+                clean(check_range, key, value, "--flag")
+
+
+def test_yaml_documents_and_overrides():
+    rng = random.Random(6)
+    pieces = [
+        "a:",
+        " ",
+        "\n",
+        "&x",
+        "*x",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "- ",
+        "1e-3",
+        "<<:",
+        "!!str",
+        "'",
+        '"',
+        "? ",
+        "|",
+        "#",
+    ]
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(40)))
+        clean(io.load_yaml, text, "fuzz.yaml")
+        clean(parse_overrides, [f"train.lr={text}"])
+
+
+def _write_tree(rng, root):
+    """Random files and folders along a random path under root; returns that path or one below it."""
+    path = root
+    for _ in range(rng.randrange(1, 4)):
+        path = path / rng.choice(["a", "b", "c"])
+        if path.exists() or not path.parent.is_dir():
+            continue
+        kind = rng.random()
+        if kind < 0.3:
+            path.write_text("x")
+        elif kind < 0.6:
+            path.mkdir()
+    return path / "f.json" if rng.random() < 0.5 else path
+
+
+def test_output_paths(tmp_path):
+    rng = random.Random(7)
+    for i in range(200):
+        root = tmp_path / str(i)
+        root.mkdir()
+        target = _write_tree(rng, root)
+        for check in (io.output_file, lambda p, w: io.output_dir(p, w, empty=rng.random() < 0.5)):
+            ok = clean(check, target, "--out")
+            if ok is not None and check is io.output_file:  # a path that passed the check can be written
+                ok.parent.mkdir(parents=True, exist_ok=True)
+                io.atomic_write_text(ok, "report")
+
+
+def test_file_system_errors_of_writing(tmp_path, monkeypatch):
+    """Whatever errno the disk answers with, the write names its file, leaves the old one and no
+    temporary file, and the user reads one line."""
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    real = os.fsync
+    for code in sorted(errno.errorcode):
+        monkeypatch.setattr(
+            io.os, "fsync", lambda fd, code=code: (_ for _ in ()).throw(OSError(code, os.strerror(code)))
+        )
+        with pytest.raises(OSError) as e:
+            io.atomic_write_text(path, "new")
+        assert e.value.errno == code and e.value.filename == str(path)
+        message = io.describe_os_error(e.value)
+        assert str(path) in message and len(message.splitlines()) == 1
+        assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    monkeypatch.setattr(io.os, "fsync", real)
+
+
+def test_truncated_and_tampered_caches(tmp_path):
+    lm = get_task("text_arith")
+    load_split(lm, "test", tmp_path, 0)
+    path = split_path(lm, "test", tmp_path, 0)
+    whole, record = path.read_bytes(), record_path(path).read_bytes()
+    rng = random.Random(8)
+    cuts = sorted({0, 1, len(whole) - 1} | {rng.randrange(len(whole)) for _ in range(40)})
+    cuts += [i + 1 for i, b in enumerate(whole) if b == ord("\n")][:: max(1, whole.count(b"\n") // 20)]
+    for cut in cuts:  # anywhere, line boundaries included
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ConfigError, match="dataset cache is cut or altered"):
+            load_split(lm, "test", tmp_path, 0)
+    path.write_bytes(whole)
+    for _ in range(60):  # a tampered record: never read as valid unless it is the true one
+        data = mutate(rng, json.loads(record)) if rng.random() < 0.7 else junk(rng)
+        record_path(path).write_text(json.dumps(data) if rng.random() < 0.8 else str(data)[:50])
+        samples = clean(load_split, lm, "test", tmp_path, 0)
+        if samples is not None:
+            assert json.loads(record_path(path).read_text())["sha256"] == json.loads(record)["sha256"]
+    bank = tmp_path / "banks" / "fuzz.npz"
+    arrays = {"x": np.arange(5000, dtype=np.int64), "y": np.ones((30, 30), np.uint8)}
+    cached_bank(bank, ("x", "y"), lambda: arrays)
+    whole = bank.read_bytes()
+    for cut in sorted({rng.randrange(len(whole)) for _ in range(40)}):
+        bank.write_bytes(whole[:cut])
+        with pytest.raises(ConfigError, match=f"dataset cache file {bank} is unreadable"):
+            cached_bank(bank, ("x", "y"), lambda: arrays)
+    data_at = whole.index(np.arange(5000, dtype=np.int64).tobytes()[:64])
+    for _ in range(20):  # a flipped byte inside the stored arrays fails their CRC
+        flipped = bytearray(whole)
+        flipped[data_at + rng.randrange(5000 * 8)] ^= 0xFF
+        bank.write_bytes(bytes(flipped))
+        with pytest.raises(ConfigError, match="unreadable"):
+            cached_bank(bank, ("x", "y"), lambda: arrays)
+
+
+def test_tampered_checkpoint_json(tmp_path):
+    """pmm_meta.json and pmm_manifest.json as text: duplicate keys, NaN, deep nesting, cut bytes."""
+    cfg, tok = load_config(DEBUG_CFG), load_tokenizer()
+    good = json.dumps({"step": 3, "config": to_dict(cfg), "task_table": {"text_lm": 0}, "tokenizer_hash": tok.hash})
+    rng = random.Random(9)
+    variants = [good[: rng.randrange(len(good))] for _ in range(40)]
+    variants += [good.replace('"step": 3', '"step": 3, "step": 4'), good.replace("3", "NaN", 1), "[" * 50_000]
+    variants += [good.replace('"step": 3', '"step": 1e999'), good.replace("{", "{" * 3000, 1)]
+    variants += [good.replace('"step": 3', '"step": ' + "9" * 5000)]
+    for i, raw in enumerate(variants):
+        tag = tmp_path / f"t{i}"
+        tag.mkdir()
+        (tag / ckpt.META_FILE).write_text(raw)
+        (tag / ckpt.MANIFEST).write_text(raw)
+        clean(ckpt.read_meta, tag)
+        assert clean(ckpt.verify, tag) != []
+
+
+def test_routes_files(tmp_path):
+    rng = random.Random(10)
+    good = json.loads(json.dumps(make_doc(BEFORE)))
+    path = tmp_path / "r.json"
+    for _ in range(300):
+        doc = mutate(rng, good)
+        doc = doc if isinstance(doc, dict) else good
+        doc["format"], doc["version"] = routes_file.FORMAT, routes_file.VERSION
+        path.write_text(json.dumps(doc))
+        loaded = clean(routes_file.load, path)
+        if loaded is not None:  # what the loader accepts, the drawing can use
+            views.views(loaded)

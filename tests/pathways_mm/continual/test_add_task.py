@@ -174,6 +174,35 @@ def test_bad_requests_are_one_line_errors_and_touch_nothing(case, message, base_
     assert _files(src) == before and not (tmp_path / "new").exists()
 
 
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported because a checkpoint named it")
+"""
+
+
+@pytest.mark.slow
+def test_add_task_never_imports_a_plugin_a_checkpoint_names(base_run, tmp_path, data_dir):
+    """The issue's reproduction: pmm_meta.json's config.plugins rewritten to a module that writes a file,
+    the manifest's checksums recomputed, that module shipped next to the checkpoint, `add-task --from`
+    launched from there with `python -m` (the current directory on the import path)."""
+    marker = tmp_path / "PWNED"
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    (downloaded / "pmm_evil_plugin.py").write_text(EVIL.format(marker=str(marker)))
+    src = _with_meta(base_run, downloaded, lambda m: m["config"].update(plugins=["pmm_evil_plugin"]))
+    out = tmp_path / "plus"
+    res = run_cli(
+        ["add-task", "--from", src, "--task", "digit_image", "--steps", 1, "--out-dir", out, *QUICK],
+        data_dir,
+        cwd=downloaded,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not marker.exists()
+    assert ckpt.read_meta(ckpt.resolve_checkpoint(out))["config"]["plugins"] == []  # not carried forward either
+    res = run_cli(["eval", src, "--max-samples", "2", "--out", tmp_path / "e.json"], data_dir, cwd=downloaded)
+    assert res.returncode == 0 and not marker.exists(), res.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ep2_run(tmp_path_factory, data_dir):
     base = tmp_path_factory.mktemp("addtask_ep2") / "ep2"

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from pathways_mm.errors import ConfigError
+from pathways_mm.config import load_config, to_dict
+from pathways_mm.encoders.text import load_tokenizer
+from pathways_mm.errors import ConfigError, TrainingAborted
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime.checkpoint import weights_only_load
-from tests.helpers import MOE_CFG, read_metrics, run_cli, sets
+from tests.helpers import DEBUG_CFG, MOE_CFG, read_metrics, run_cli, sets
 
 
 def fake_tag(ckpt_dir, step, files=None, publish=True):
@@ -56,6 +58,70 @@ def test_no_published_checkpoint_means_start_over(tmp_path):
         ckpt.resolve_checkpoint(tmp_path / "step_0000002")
 
 
+def test_a_checkpoint_without_a_manifest_is_never_loaded_even_where_latest_names_it(tmp_path, capsys):
+    """One rule: no manifest, no load (an interrupted save, or one nothing can verify)."""
+    old = fake_tag(tmp_path, 2)
+    bare = fake_tag(tmp_path, 4, publish=False)
+    (tmp_path / ckpt.LATEST).write_text(bare.name)  # what a pathways-mm before manifests left behind
+    assert ckpt.newest_intact(tmp_path) == old
+    assert f"skipping {bare}: its save did not finish (no {ckpt.MANIFEST})" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unverified weights are never loaded"):
+        ckpt.resolve_checkpoint(bare)
+
+
+def meta_for(cfg_dict, **extra):
+    tok = load_tokenizer()
+    return {
+        "step": 2,
+        "config": cfg_dict,
+        "task_table": {"text_lm": 0, "text_arith": 1},
+        "tokenizer_hash": tok.hash,
+    } | extra
+
+
+def test_a_checkpoint_never_chooses_plugins_or_this_machines_paths(tmp_path, monkeypatch):
+    stored = to_dict(load_config(DEBUG_CFG))
+    stored |= {"plugins": ["evil_plugin"], "source": "/elsewhere/exp.yaml"}
+    stored["data"]["root"], stored["train"]["ds_config"] = "/elsewhere/data", "/elsewhere/ds.json"
+    tag = fake_tag(tmp_path, 2, {"model.pt": b"w", ckpt.META_FILE: json.dumps(meta_for(stored)).encode()})
+    monkeypatch.setenv("PMM_DATA", str(tmp_path / "mine"))
+    _, _, cfg = ckpt.open_checkpoint(tag, load_tokenizer())
+    assert cfg.plugins == () and cfg.data.root is None and cfg.train.ds_config is None and cfg.source is None
+    _, _, cfg = ckpt.open_checkpoint(tag, load_tokenizer(), {"plugins": ["mine"], "data": {"root": "/mine"}})
+    assert cfg.plugins == ("mine",) and cfg.data.root == "/mine"  # the user's own values are honoured
+
+
+def test_a_plugin_task_of_a_checkpoint_says_which_plugin_to_name(tmp_path):
+    stored = to_dict(load_config(DEBUG_CFG)) | {"tasks": ["text_lm", "echo_ckpt_test"], "plugins": ["their.tasks"]}
+    meta = meta_for(stored, task_table={"text_lm": 0, "echo_ckpt_test": 1})
+    tag = fake_tag(tmp_path, 2, {"model.pt": b"w", ckpt.META_FILE: json.dumps(meta).encode()})
+    opened = ckpt.open_checkpoint(tag, load_tokenizer())
+    with pytest.raises(ConfigError) as e:
+        ckpt.checkpoint_tasks(opened)
+    assert "task 'echo_ckpt_test' of" in str(e.value) and "add --set plugins=[their.tasks]" in str(e.value)
+    assert [t.name for t in ckpt.checkpoint_tasks(opened, ["text_lm"])] == ["text_lm"]
+
+
+class FullDisk:
+    """An engine whose save fails the way torch.save does on a full disk."""
+
+    def save_checkpoint(self, save_dir, tag, **kwargs):
+        (torch_dir := ckpt.Path(save_dir) / tag).mkdir(parents=True)
+        (torch_dir / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2005888 vs 2005780")
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path):
+    older = fake_tag(tmp_path, 2)
+    with pytest.raises(TrainingAborted) as e:
+        ckpt.save_checkpoint(FullDisk(), tmp_path, 4, {"step": 4}, keep=3)
+    msg = str(e.value)
+    assert msg.startswith(f"could not write checkpoint {tmp_path / 'step_0000004'} (") and "--resume" in msg
+    assert len(msg.splitlines()) == 1 and "MiB free there" in msg
+    assert not (tmp_path / "step_0000004").exists()  # the half-written save gives its space back
+    assert ckpt.newest_intact(tmp_path) == older and (tmp_path / ckpt.LATEST).read_text() == older.name
+
+
 def test_prune_keeps_newest_published_and_drops_unfinished(tmp_path):
     for step in (1, 2, 3):
         fake_tag(tmp_path, step)
@@ -76,6 +142,9 @@ def testweights_only_loader_refuses_pickled_callable(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="refused to load") as e:
         weights_only_load(str(path))
     assert str(path) in str(e.value) and not (tmp_path / "PWNED").exists()
+    assert "it holds pickled code or objects (exec), not only tensors" in str(e.value)
+    reason = str(e.value).split(": refused to load", 1)[1]
+    assert "weights_only" not in reason and "trust" not in reason  # never advise loading it anyway
     torch.save({"module": {"w": torch.ones(2)}}, path)
     assert torch.equal(weights_only_load(str(path))["module"]["w"], torch.ones(2))
 

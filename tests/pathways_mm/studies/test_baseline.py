@@ -11,7 +11,7 @@ from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.studies.baseline import baseline_config, comparison_table, dense_counterpart
-from tests.helpers import ROOT, run_cli
+from tests.helpers import DEBUG_CFG, ROOT, run_cli, sets
 
 DEMO = ROOT / "configs" / "experiments" / "demo.yaml"
 
@@ -55,3 +55,17 @@ def test_unknown_task_is_a_one_line_error(data_dir):
     res = run_cli(["baseline", DEMO, "--task", "nope"], data_dir)
     assert res.returncode == 2
     assert "pathways-mm: error: --task nope: not one of the experiment's tasks" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "report", ['{"tasks": {"text_arith": 5}}', '{"tasks": {"text_arith": {"exact_match": "high"}}}', "[1]"]
+)
+def test_a_bad_compare_file_is_refused_before_any_training(report, tmp_path, data_dir):
+    bad = tmp_path / "eval.json"
+    bad.write_text(report)
+    out = tmp_path / "baselines"
+    args = ["baseline", DEBUG_CFG, "--task", "text_arith", "--compare", bad, "--out-dir", out]
+    res = run_cli([*args, *sets("train.steps=1", "eval.max_samples=2")], data_dir)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"pathways-mm: error: {bad}: not an evaluation report" in res.stderr
+    assert not out.exists()  # nothing trained

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from pathways_mm.config import load_config
+from pathways_mm.studies.common import write_config
 from tests.helpers import ROOT, run_cli, sets
 
 CFG = ROOT / "configs" / "experiments" / "continual.yaml"
@@ -47,3 +49,16 @@ def test_continual_needs_tasks_to_add(data_dir, tmp_path):
     assert res.returncode == 2 and "continual.add lists no task" in res.stderr, res.stderr[-2000:]
     res = run_cli(["continual", CFG, *sets("continual.add=[digit_image]")], data_dir)
     assert res.returncode == 2 and "none of the first group" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ds_config", [None, "../ds/gpu_bf16.json"])
+def test_a_stage_config_reads_back_as_the_same_experiment(ds_config, tmp_path):
+    """Stages run from a YAML written elsewhere: the built-in DeepSpeed settings stay built in, a
+    named JSON is named by absolute path, and the strict loader reads every value back."""
+    cfg = load_config(CFG, [f"train.ds_config={ds_config}" if ds_config else "train.steps=7"])
+    again = load_config(write_config(cfg, tmp_path / "stage" / "exp.yaml"))
+    assert again.replace(source=None, train=cfg.train) == cfg.replace(source=None)
+    if ds_config is None:
+        assert again.train.ds_config is None and again.train.steps == 7
+    else:
+        assert again.train.ds_config == str((ROOT / "configs" / "ds" / "gpu_bf16.json").resolve())

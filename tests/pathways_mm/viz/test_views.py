@@ -111,11 +111,49 @@ def test_compare_refuses_other_layer_or_expert_counts(tmp_path):
         draw(a, tmp_path / "out", compare=b)
 
 
+def _tampered(edit):
+    doc = json.loads(json.dumps(make_doc(BEFORE)))
+    edit(doc)
+    return doc
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["layers"][0].pop("block"), "a layer's 'block' must be an integer >= 0, got None"),
+        (lambda d: d["layers"][1].update(block=1), "a block appears twice in [1, 1]"),
+        (
+            lambda d: d["layers"][0]["routes"][1][0].__setitem__(2, {"x": 1}),
+            "block 1 routes[1][0][2] is {'x': 1}, not a count",
+        ),
+        (lambda d: d["layers"][0]["tokens"][0].__setitem__(0, -3), "block 1 tokens[0][0] is -3, not a count"),
+        (
+            lambda d: d["layers"][0]["routes"][2].append([0, 0, 0, 0]),
+            "block 1 routes[2] has shape (4, 4), expected (3, 4)",
+        ),
+        (lambda d: d.update(tasks=[1, "b", "new"]), "tasks must be a list of distinct names, got [1, 'b', 'new']"),
+        (lambda d: d.update(tasks=["a", "a", "new"]), "tasks must be a list of distinct names, got ['a', 'a', 'new']"),
+        (lambda d: d.update(model=None), "no model section"),
+        (
+            lambda d: d["layers"][0].update(num_experts=True),
+            "a layer's 'num_experts' must be an integer >= 1, got True",
+        ),
+    ],
+)
+def test_routes_files_that_pass_a_first_look_are_still_checked_cell_by_cell(edit, message, tmp_path):
+    """What used to pass the loader and crash the drawing: every cell is checked before anything is drawn."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_tampered(edit)))
+    with pytest.raises(ConfigError) as e:
+        draw(path, tmp_path / "out")
+    assert str(e.value) == f"{path}: not a valid routes file ({message})" and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "content,message",
     [
         (None, "routes file not found"),
-        ("not json {", "not a routes file (not JSON"),
+        ("not json {", "unreadable routes file (JSONDecodeError"),
         (json.dumps({"tasks": []}), 'not a routes file (no "format"'),
         ("other", "cannot compare"),
     ],
