@@ -162,7 +162,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathways_mm.inference.export import run_export
 
     return on_rank_zero(
-        lambda: run_export(args.source, args.task, args.out, args.max_samples, parse_overrides(args.overrides))
+        lambda: run_export(
+            args.source, args.task, args.out, args.max_samples, parse_overrides(args.overrides), args.time_generation
+        )
     )
 
 
@@ -399,6 +401,13 @@ def _add_export(sub) -> None:
     x.add_argument("--task", help="only this task's sub-network (the experts on its pathway, parity-checked)")
     x.add_argument("--out", required=True, help="new folder for model.safetensors and export.json")
     x.add_argument("--max-samples", type=int, help="samples that define the pathway and check parity (0 = all)")
+    x.add_argument(
+        "--time-generation",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="with --task: also time greedy generation on those samples, export vs full model (median of ROUNDS)",
+    )
     _add_set(x, "an eval/data setting or plugins=[module]")
     x.set_defaults(func=cmd_export)
 

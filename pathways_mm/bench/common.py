@@ -1,4 +1,5 @@
-"""What every benchmark shares: device sync, the round-robin timing loop, synthetic batches.
+"""What every benchmark shares: synthetic batches, DeepSpeed configs, JSON rows (the timing loop
+is `runtime/timing`, which `export --time-generation` uses too).
 
 Benchmarks quote ratios of rows timed in the same run: iterations go round-robin over the rows,
 so load on a shared host hits every row alike. Shape suffixes: B batch, L positions.
@@ -8,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,43 +19,6 @@ import torch
 
 from pathways_mm.io import atomic_write_text
 from pathways_mm.model.batch import IGNORE, PAD_MODALITY, TEXT, Batch
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_round_robin(
-    steps: Sequence[Callable[[], None]],
-    device: torch.device,
-    warmup: int,
-    iters: int,
-    setup: Sequence[Callable[[], None]] | None = None,
-    alternate: bool = False,
-) -> list[list[float]]:
-    """Milliseconds of every iteration of each step, iterations round-robin over the steps.
-
-    `setup[i]` runs before each call of step i, outside the timed region; `alternate` reverses
-    the order of the steps every other iteration (for two rows that share caches).
-    """
-    order = list(range(len(steps)))
-    times: list[list[float]] = [[] for _ in steps]
-    for it in range(warmup + iters):
-        for i in order if not alternate or it % 2 == 0 else order[::-1]:
-            if setup is not None:
-                setup[i]()
-            sync(device)
-            t0 = time.perf_counter()
-            steps[i]()
-            sync(device)
-            if it >= warmup:
-                times[i].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def median_ms(times: list[list[float]]) -> list[float]:
-    return [statistics.median(ts) for ts in times]
 
 
 def synthetic_batch(

@@ -34,6 +34,7 @@ from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.model.model import build_model
 from pathways_mm.runtime import engine as ds_engine
+from pathways_mm.runtime.timing import sync
 from pathways_mm.training.losses import forward_loss
 
 
@@ -71,27 +72,23 @@ def step_ratio(cfg: ExperimentConfig, ts: TaskSet, workers: int, steps: int) -> 
             engine.backward(forward_loss(engine, lb.batch.to(dev)).loss)
             engine.step()
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     def live(first: int) -> float:
         it = micro_batches(cfg, ts, sampler, tok, 0, first - 1, stop=first + steps, num_workers=workers)
         train_step([next(it) for _ in range(A)])  # untimed: workers start, the pipeline fills
-        sync()
+        sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
             train_step([next(it) for _ in range(A)])
-        sync()
+        sync(dev)
         return (time.perf_counter() - t0) * 1e3 / steps
 
     def premade(first: int) -> float:
         made = [[load_batch(cfg, ts, sampler, tok, s, m, 0) for m in range(A)] for s in range(first, first + steps)]
-        sync()
+        sync(dev)
         t0 = time.perf_counter()
         for loaded in made:
             train_step(loaded)
-        sync()
+        sync(dev)
         return (time.perf_counter() - t0) * 1e3 / steps
 
     train_step([load_batch(cfg, ts, sampler, tok, 0, m, 0) for m in range(A)])  # warm-up

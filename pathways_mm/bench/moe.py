@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from pathways_mm.bench.common import median_ms, time_round_robin, where, write_json
+from pathways_mm.bench.common import where, write_json
 from pathways_mm.model.layers import SwiGLU
 from pathways_mm.routing import PathwaysMoE
 from pathways_mm.routing.experts import StackedLinear, grouped_mm_supported
+from pathways_mm.runtime.timing import median_ms, time_round_robin
 
 CONFIGS = {
     # name: (d_model, d_ff per expert, experts, top_k, tokens, dtype)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from pathways_mm.bench.common import ds_config_file, median_ms, synthetic_batch, time_round_robin, where
+from pathways_mm.bench.common import ds_config_file, synthetic_batch, where
 from pathways_mm.config import ExperimentConfig, ModelConfig, MoEConfig, TrainConfig
 from pathways_mm.model.model import build_model
 from pathways_mm.routing import moe_layers, telemetry
 from pathways_mm.runtime import engine as ds_engine
+from pathways_mm.runtime.timing import median_ms, time_round_robin
 from pathways_mm.training.losses import forward_loss
 
 TELEMETRY_CONFIGS = {

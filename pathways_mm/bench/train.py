@@ -17,10 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-from pathways_mm.bench.common import ds_config_file, median_ms, synthetic_batch, time_round_robin, where, write_json
+from pathways_mm.bench.common import ds_config_file, synthetic_batch, where, write_json
 from pathways_mm.config import ExperimentConfig, ModelConfig, MoEConfig, TrainConfig
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.runtime import engine as ds_engine
+from pathways_mm.runtime.timing import median_ms, time_round_robin
 from pathways_mm.training.losses import forward_loss
 
 TRAIN_CONFIGS = {

@@ -46,6 +46,7 @@ from pathways_mm.routing import moe_layers
 from pathways_mm.routing.pathways import restrict_experts
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import engine as ds_engine
+from pathways_mm.runtime.timing import median_ms, time_round_robin
 from pathways_mm.tasks import Task, ensure_loaded, get_task
 from pathways_mm.training.routes import expert_counts
 
@@ -137,13 +138,19 @@ def run_export(
     out: str,
     max_samples: int | None = None,
     overrides: dict[str, Any] | None = None,
+    time_rounds: int = 0,
 ) -> dict[str, Any]:
     """Export a checkpoint to DIR: the whole model (`task_name` None) or one task's sub-network
     (parity-checked); returns export.json.
 
     overrides: the user's --set values (nested), e.g. the plugins that register the task.
+    time_rounds: with a task, also time greedy generation of the export against the full model.
     """
     check_range("eval.max_samples", max_samples, "--max-samples")
+    if not 0 <= time_rounds <= 1000:
+        raise ConfigError(f"--time-generation must be between 0 and 1000 rounds, got {time_rounds}")
+    if time_rounds and task_name is None:
+        raise ConfigError("--time-generation compares a task's export with the full model: give --task")
     out_dir = output_dir(out, "--out", empty=True)
     tok = load_tokenizer()
     opened = ckpt.open_checkpoint(source, tok, overrides)
@@ -180,7 +187,7 @@ def run_export(
         save_export(out_dir, model.state_dict(), info)
         print(f"export: all {len(table)} tasks, {info['params']:,} parameters", file=sys.stderr)
     else:
-        sub, info = cut_task(model, cfg, task_name, table[task_name], tok, max_samples)
+        sub, info = cut_task(model, cfg, task_name, table[task_name], tok, max_samples, time_rounds)
         info = head | {"kind": "task", "config": portable_config(cfg) | {"model": info.pop("model")}} | info
         save_export(out_dir, sub.state_dict(), info)
         print(format_export(info), file=sys.stderr)
@@ -196,7 +203,13 @@ def portable_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def cut_task(
-    model: PathwaysModel, cfg: ExperimentConfig, task_name: str, tid: int, tok: TextTokenizer, max_samples: int | None
+    model: PathwaysModel,
+    cfg: ExperimentConfig,
+    task_name: str,
+    tid: int,
+    tok: TextTokenizer,
+    max_samples: int | None,
+    time_rounds: int = 0,
 ) -> tuple[PathwaysModel, dict[str, Any]]:
     """`task_name`'s sub-network of `model` and what export.json says of it; RuntimeError (nothing
     written) if its logits or greedy outputs differ from the full model's on the task's data."""
@@ -233,7 +246,52 @@ def cut_task(
             f"export of {task_name}: the sub-network's outputs differ from the full model's "
             f"(max |diff| {parity['max_abs_diff']:.3g}); nothing was written"
         )
+    if time_rounds:
+        info["generation"] = time_generation(model, sub, task, tid, samples, cfg, tok, time_rounds)
     return sub, info
+
+
+def time_generation(
+    full: PathwaysModel,
+    sub: PathwaysModel,
+    task: Task,
+    tid: int,
+    samples: list[Any],
+    cfg: ExperimentConfig,
+    tok: TextTokenizer,
+    rounds: int,
+) -> dict[str, Any]:
+    """Greedy generation of `samples` (eval batches) by the full model and by the export, `rounds`
+    times each after one untimed round, alternating which goes first: median ms per sample.
+
+    Each token still runs top-k experts in both, so the compute per token is the same; what the
+    export saves is weights (memory, cache) and the dispatch over fewer experts."""
+    dev = ds_engine.device()
+    bs = cfg.eval.batch_size
+    prompts = [
+        prompt_only(
+            collate([encode(task, x) for x in chunk], [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model),
+            tok.pad_id,
+        ).to(dev)
+        for chunk in (samples[i : i + bs] for i in range(0, len(samples), bs))
+    ]
+
+    def generate(model: PathwaysModel) -> None:
+        for batch in prompts:
+            greedy_generate(model, batch, task.generation.max_new_tokens, tok.eos_id, tok.pad_id)
+
+    with torch.no_grad():
+        times = time_round_robin([lambda: generate(full), lambda: generate(sub)], dev, 1, rounds, alternate=True)
+    full_ms, sub_ms = (ms / len(samples) for ms in median_ms(times))
+    return {
+        "samples": len(samples),
+        "rounds": rounds,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "full_ms_per_sample": round(full_ms, 3),
+        "export_ms_per_sample": round(sub_ms, 3),
+        "speedup": round(full_ms / sub_ms, 3),
+    }
 
 
 def save_export(out_dir: Path, state: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
@@ -270,6 +328,15 @@ def format_export(info: dict[str, Any]) -> str:
             f"parameters: {info['params_export']:,} of {info['params_full']:,} ({info['reduction_pct']:.1f}% fewer)",
             f"parity on {p['samples']} {info['task']} samples: logits bit-identical {'yes' if p['logits_bit_identical'] else 'NO'}, "
             f"greedy outputs equal {'yes' if p['generations_equal'] else 'NO'}, max |diff| {p['max_abs_diff']:.3g}",
+            *(
+                [
+                    f"greedy generation ({g['samples']} samples, median of {g['rounds']} rounds, {g['device']}): "
+                    f"{g['export_ms_per_sample']:.2f} ms/sample exported vs {g['full_ms_per_sample']:.2f} full "
+                    f"({g['speedup']:.2f}x)"
+                ]
+                if (g := info.get("generation"))
+                else []
+            ),
         ]
     )
 

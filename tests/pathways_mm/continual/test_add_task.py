@@ -261,12 +261,18 @@ def test_export_gives_the_full_models_outputs_with_fewer_parameters(base_run, tm
 
     monkeypatch.setenv("PMM_DATA", str(data_dir))
     out = tmp_path / "arith"
-    res = run_cli(["export", "--from", base_run, "--task", "text_arith", "--out", out, "--max-samples", "12"], data_dir)
+    args = ["export", "--from", base_run, "--task", "text_arith", "--out", out, "--max-samples", "12"]
+    res = run_cli([*args, "--time-generation", "2"], data_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     sub, info = load_export(out)
     assert info["parity"]["logits_bit_identical"] and info["parity"]["generations_equal"]
     assert sum(p.numel() for p in sub.parameters()) == info["params_export"] < info["params_full"]
     assert info["dropped_encoders"] == ["vision", "audio"]
+    gen = info["generation"]  # --time-generation: both models timed on the same 12 samples
+    assert gen["samples"] == 12 and gen["rounds"] == 2 and gen["full_ms_per_sample"] > 0 < gen["export_ms_per_sample"]
+    assert "greedy generation (12 samples, median of 2 rounds" in res.stderr
+    res = run_cli(["export", "--from", base_run, "--out", tmp_path / "whole", "--time-generation", "1"], data_dir)
+    assert res.returncode == 2 and "give --task" in res.stderr
     cfg = config_from_dict(info["config"])
     task, tok = get_task("text_arith"), load_tokenizer()
     batch = probe_batch(task, info["task_id"], list(load_split(task, "test", data_dir, cfg.data.seed)[:12]), cfg, tok)
