@@ -81,7 +81,8 @@ def write_run_config(cfg: ExperimentConfig, path: Path) -> None:
     """`cfg` as the experiment YAML that continues the run (its DeepSpeed config by absolute path)."""
     data = to_dict(cfg)
     data.pop("source", None)
-    data["train"]["ds_config"] = str(resolve_relative(cfg, cfg.train.ds_config))
+    if cfg.train.ds_config is not None:  # None: the built-in DeepSpeed settings, wherever the file lives
+        data["train"]["ds_config"] = str(resolve_relative(cfg, cfg.train.ds_config))
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 

@@ -56,11 +56,12 @@ def load_tasks(cfg: ExperimentConfig) -> TaskSet:
     return TaskSet(tasks=tasks, train=train)
 
 
-def make_sampler(cfg: ExperimentConfig, ts: TaskSet) -> MixtureSampler:
-    """The run's sampler; the stream of samples it walks is laid out over this many ranks and micro-steps."""
+def make_sampler(cfg: ExperimentConfig, ts: TaskSet, world: int | None = None) -> MixtureSampler:
+    """The run's sampler; the stream of samples it walks is laid out over `world` ranks (default:
+    this process group's) and train.grad_accum micro-steps."""
     weights = [cfg.mixture.weights.get(t.name, 1.0) for t in ts.tasks]
     sizes = [len(s) for s in ts.train]
-    world = dist.rank_world()[1]
+    world = world or dist.rank_world()[1]
     return MixtureSampler(
         sizes, cfg.mixture.temperature, cfg.seed, weights, micro_batches=cfg.train.grad_accum, world=world
     )

@@ -12,6 +12,7 @@ back through the same names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def main() -> None:
     engine = ds_engine.initialize(build_model(cfg.model, tok.vocab_size), cfg, 1)
     start_meta, end_meta = ckpt.read_meta(args.start), ckpt.read_meta(args.end)
     reshard.resume(engine, args.start, start_meta, 1)
-    sampler = make_sampler(cfg, ts)
+    # the batches of `world` ranks with one micro-step each, as the run that saved `end` drew them
+    sampler = make_sampler(cfg.replace(train=dataclasses.replace(cfg.train, grad_accum=1)), ts, world=args.world)
     engine.train()
     losses = {}
     for step in range(start_meta["step"], end_meta["step"]):
