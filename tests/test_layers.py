@@ -7,6 +7,8 @@ rule fails naming the file and line of the offending import.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -241,3 +243,17 @@ def test_no_import_cycle():
         if m not in seen and (cycle := visit(m)):
             links = [f"  {graph[a][b]}: {a} imports {b}" for a, b in zip(cycle, cycle[1:])]
             pytest.fail("import cycle:\n" + "\n".join(links))
+
+
+def test_training_the_builtin_tasks_needs_no_reader_of_declared_sources():
+    """An offline GPU machine has PyTorch's packages, not webdataset, datasets or soundfile: the
+    training, evaluation and benchmark modules must import without them (`make gpu-check` there)."""
+    code = (
+        "import sys\n"
+        "for m in ('webdataset', 'datasets', 'soundfile', 'pyarrow'):\n"
+        "    sys.modules[m] = None  # importing it now raises ImportError\n"
+        "import pathways_mm.training.loop, pathways_mm.training.evaluate, pathways_mm.bench.gpu_check\n"
+        "import pathways_mm.bench.moe, pathways_mm.bench.train, pathways_mm.inference.api, pathways_mm.cli\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -1,4 +1,8 @@
-"""Data sources of declared tasks: manifests, WebDataset shards, Hugging Face datasets on disk."""
+"""Data sources of declared tasks: manifests, WebDataset shards, Hugging Face datasets on disk.
+
+The shard and Hugging Face sources are imported when a task uses one: `webdataset` and
+`datasets` (with pyarrow) are only needed then, and a machine that trains the built-in tasks
+(an offline GPU machine with PyTorch's usual packages) need not have them."""
 
 from __future__ import annotations
 
@@ -7,9 +11,7 @@ from pathlib import Path
 
 from pathways_mm.config import SourceConfig
 from pathways_mm.data.sources.base import BadSample, Row, Source
-from pathways_mm.data.sources.hf import HfSource
 from pathways_mm.data.sources.manifest import CsvSource, JsonlSource
-from pathways_mm.data.sources.shards import ShardSource
 from pathways_mm.errors import ConfigError
 
 __all__ = ["BadSample", "Row", "Source", "open_source", "source_format"]
@@ -45,5 +47,9 @@ def open_source(src: SourceConfig, fields: Sequence[str], split: str, cache: Pat
     if fmt == "csv":
         return CsvSource(path, fields, cache)
     if fmt == "webdataset":
+        from pathways_mm.data.sources.shards import ShardSource  # needs webdataset
+
         return ShardSource(src.path, fields, cache)
+    from pathways_mm.data.sources.hf import HfSource  # needs datasets
+
     return HfSource(path, fields, fmt, src.split or split, cache)

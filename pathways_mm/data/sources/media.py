@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
 import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +48,8 @@ def decode_image(row: Row, field: str) -> np.ndarray:
 
 def decode_audio(row: Row, field: str, sample_rate: int) -> Audio:
     """Mono float32 samples at `sample_rate` (channels averaged, resampled if the file's rate differs)."""
+    import soundfile  # only a declared task's audio needs it (not the built-in tasks, see sources/__init__)
+
     src, name = _file(row, field, "audio")
     try:
         samples, rate = soundfile.read(src, dtype="float32", always_2d=True)
