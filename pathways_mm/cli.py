@@ -73,6 +73,8 @@ def in_process_group(fn: Callable[[], Any]) -> int:
 
     Not on failure: a barrier there could wait for a rank that died.
     """
+    import torch.distributed as dist
+
     from pathways_mm.runtime.engine import setup_single_process_env, shutdown
 
     def go() -> None:
@@ -80,7 +82,16 @@ def in_process_group(fn: Callable[[], Any]) -> int:
         fn()
         shutdown()
 
-    return run_guarded(go)
+    code = run_guarded(go)
+    if code != 0 and dist.is_available() and dist.is_initialized():
+        # The group was not left (see above). Interpreter teardown would then destroy gloo's worker
+        # threads while they still hold work and, now and then, abort the process (SIGABRT,
+        # "terminate called without an active exception") after the error was printed. Every file
+        # is closed by now: end here, with the status the error chose.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -133,7 +144,8 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     def go() -> None:
         opts = AddTaskOptions(task=args.task, grow_experts=args.grow_experts, steps=args.steps, out_dir=args.out_dir)
         opts = dataclasses.replace(opts, config=args.config, overrides=parse_overrides(args.overrides))
-        run_add_task(args.source, dataclasses.replace(opts, freeze=not args.train_all, adapter_rank=args.adapter_rank))
+        opts = dataclasses.replace(opts, freeze=not args.train_all, adapter_rank=args.adapter_rank, resume=args.resume)
+        run_add_task(args.source, opts)
 
     return in_process_group(go)
 
@@ -392,6 +404,11 @@ def _add_add_task(sub) -> None:
     a.add_argument("--config", help="YAML with train/data/eval settings (same model)")
     _add_set(a, "a train/data/eval setting or plugins=[module]")
     a.add_argument("--train-all", action="store_true", help="baseline: train every weight (old tasks forget)")
+    a.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed add-task in --out-dir from its newest checkpoint (same --from and flags)",
+    )
     a.set_defaults(func=cmd_add_task)
 
 

@@ -1,6 +1,6 @@
 """Add a task to a trained model without touching what the old tasks use.
 
-    pathways-mm add-task --from CKPT --task NAME [--grow-experts G] [--steps N] [--out-dir DIR]
+    pathways-mm add-task --from CKPT --task NAME [--grow-experts G] [--steps N] [--out-dir DIR] [--resume]
     deepspeed --num_gpus N --module pathways_mm.cli add-task --from CKPT --task NAME ...
 
 The new task gets its own pathway (task-embedding row and routing prior in every MoE layer),
@@ -9,9 +9,12 @@ training samples have the lowest loss. With `--grow-experts G` every MoE layer g
 that only the new task may route to, each starting as a copy of an expert the closest pathway
 sent the new task's tokens to. Everything else is frozen (attention, norms, embeddings,
 encoders, token router rows and experts of the old pathways), so the old tasks' outputs stay
-bit-identical; the run checks that before it saves. A report (printed and add_task_report.json)
-gives old-task metrics before and after, the new task's metrics, how much of its routing lands
-on reused experts, and the parameters added.
+bit-identical; the run checks that before it saves. With `--set train.save_every=N` it saves
+every N steps, and `--resume` continues a killed add-task from its newest checkpoint (give the
+same source and flags: the grown model is rebuilt, then the checkpoint's weights and optimizer
+state are loaded into it). A report (printed and add_task_report.json) gives old-task metrics
+before and after, the new task's metrics, how much of its routing lands on reused experts, and
+the parameters added.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class AddTaskOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # --set values, parsed
     freeze: bool = True  # False: --train-all, the fine-tuning baseline
     adapter_rank: int = 0
+    resume: bool = False  # continue a killed add-task in out_dir from its newest checkpoint
 
 
 class Request(NamedTuple):
@@ -107,7 +111,7 @@ def new_config(old: ExperimentConfig, opts: AddTaskOptions, out_dir: str) -> Exp
     # No weight decay: decay would shrink frozen weights too (they sit in the same tensors as trainable rows).
     warmup = min(old.train.warmup_steps, max(1, steps // 10))
     train = dataclasses.replace(old.train, steps=steps, out_dir=out_dir, weight_decay=0.0, warmup_steps=warmup)
-    train = dataclasses.replace(train, save_every=0, eval_every=0)
+    train = dataclasses.replace(train, eval_every=0)  # save_every stays: the points --resume continues from
     return old.replace(
         name=f"{old.name}+{task}" if opts.freeze else f"{old.name}+{task}(finetune)",
         tasks=(*old.tasks, task),
@@ -307,15 +311,18 @@ def _check_request(old: ExperimentConfig, tag_dir: Path, table: dict[str, int], 
         )
 
 
-def _out_dir(tag_dir: Path, task: str, out_dir: str | None) -> Path:
+def _out_dir(tag_dir: Path, task: str, out_dir: str | None, resume: bool) -> Path:
     run_dir = tag_dir.parent.parent
     out = Path(out_dir) if out_dir else run_dir.with_name(f"{run_dir.name}+{task}")
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ConfigError(f"--out-dir {out} is inside the source run {run_dir}; write the new model elsewhere")
     output_dir(out, "--out-dir")
     found = run_files(out)
-    if found:
-        raise ConfigError(f"--out-dir {out} already holds a run ({', '.join(found)}); choose another directory")
+    if found and not resume:
+        raise ConfigError(
+            f"--out-dir {out} already holds a run ({', '.join(found)}); continue it with --resume, "
+            "or choose another directory"
+        )
     return out
 
 
@@ -336,7 +343,7 @@ def prepare(source: str, opts: AddTaskOptions) -> Request:
     declare_tasks(old)  # a declared new task (from --config) can be looked up; data, not code
     ckpt.checkpoint_tasks(opened._replace(cfg=old))  # every old task registered, or which plugin to name
     _check_request(old, tag_dir, meta["task_table"], opts)
-    out = _out_dir(tag_dir, opts.task, opts.out_dir)
+    out = _out_dir(tag_dir, opts.task, opts.out_dir, opts.resume)
     return Request(tag_dir, meta, old, new_config(old, opts, str(out)))
 
 
@@ -348,7 +355,7 @@ def run_add_task(source: str, opts: AddTaskOptions) -> dict[str, Any]:
     """
     req = prepare(source, opts)
     hooks = AddTaskHooks(req, opts, load_tokenizer())
-    summary = run(req.new, hooks=hooks)
+    summary = run(req.new, resume=opts.resume, hooks=hooks)
     report = build_report(hooks, req.new, req.old, hooks.before_metrics, summary, source=str(req.tag_dir))
     if dist.rank_world()[0] == 0:
         print(format_report(report), file=sys.stderr)

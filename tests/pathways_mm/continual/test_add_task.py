@@ -112,6 +112,32 @@ def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_d
                 assert all(max(ids) < 4 for ids in info["kept_experts"].values())
 
 
+@pytest.mark.slow
+def test_a_killed_add_task_resumes_to_the_uninterrupted_result(base_run, tmp_path, data_dir):
+    """SIGKILL in step 5 (checkpoint at step 4), then --resume: the weights of a run never stopped,
+    and the old tasks still bit-identical."""
+    args = ["add-task", "--from", base_run, "--task", "digit_image", "--grow-experts", "2", "--steps", "6", *QUICK]
+    args += sets("train.save_every=2")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli([*args, "--out-dir", whole], data_dir).returncode == 0
+    res = run_cli([*args, "--out-dir", killed], data_dir, env_extra={"PMM_FAULT": "kill:rank=0:step=5"})
+    assert res.returncode == -9 and not (killed / "add_task_report.json").exists()
+    assert ckpt.resolve_checkpoint(killed).name == "step_0000004"
+    res = run_cli([*args, "--out-dir", killed], data_dir)  # without --resume: refused, nothing touched
+    assert res.returncode == 2 and "continue it with --resume" in res.stderr, res.stderr[-2000:]
+    res = run_cli([*args, "--out-dir", killed, "--resume"], data_dir)
+    assert res.returncode == 0 and "steps 4->6" in res.stderr, res.stderr[-3000:]  # continued, not restarted
+    a, b = (load_full_state(ckpt.resolve_checkpoint(d)) for d in (whole, killed))
+    at4 = load_full_state(killed / "checkpoints" / "step_0000004")
+    assert a.keys() == b.keys() and any(not torch.equal(b[k], at4[k]) for k in b)  # steps 5-6 did train
+    # the same batches and optimizer state; the same weights up to float summation order
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    report = json.loads((killed / "add_task_report.json").read_text())
+    assert report["old_outputs_bit_identical"] is True and report["steps"] == 6
+    for x, y in zip(outputs(base_run, data_dir), outputs(killed, data_dir), strict=True):
+        assert torch.equal(x, y)
+
+
 def test_grown_state_keeps_old_rows_and_masks_new_experts():
     full = {"decoder.task_embed.weight": torch.randn(4, 8)}
     layer = "decoder.blocks.1.ffn"
