@@ -186,7 +186,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
     def go() -> None:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out_dir) if args.out_dir else Path("runs") / f"continual-{cfg.name}"
-        run_continual(cfg, out, say=lambda s: print(s, file=sys.stderr))
+        run_continual(cfg, out, seeds=args.seeds, say=lambda s: print(s, file=sys.stderr))
 
     return on_rank_zero(go)
 
@@ -471,7 +471,8 @@ def _add_upcycle(sub) -> None:
 def _add_continual(sub) -> None:
     c = sub.add_parser("continual", help="continual benchmark: add-task vs fine-tuning vs scratch")
     c.add_argument("config", help="experiment YAML with a continual: section")
-    c.add_argument("--out-dir", help="results folder (default: runs/continual-NAME)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds, each its own chain of runs (default 3)")
+    c.add_argument("--out-dir", help="results folder (default: runs/continual-NAME); rerun to continue")
     _add_set(c)
     c.set_defaults(func=cmd_continual)
 

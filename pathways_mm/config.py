@@ -263,6 +263,7 @@ class ContinualConfig:
     steps: int = 300  # training steps for each added task, in each of the three ways of adding it
     grow_experts: int = 0  # experts per MoE layer that add-task gives each new task
     adapter_rank: int = 16  # add-task's --adapter-rank for each new task
+    add_lr: float | None = None  # add-task's learning rate (only the new parts train); None: train.lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -553,6 +554,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "continual.steps": (1, _MANY),
     "continual.grow_experts": (0, 4096),
     "continual.adapter_rank": (0, 4096),
+    "continual.add_lr": (0, 10),
 }
 # Of these, the floats that must be above their lowest value, not equal to it.
 ABOVE_LOWEST = (
@@ -564,6 +566,7 @@ ABOVE_LOWEST = (
     "model.audio.max_seconds",
     "mixture.temperature",
     "train.lr",
+    "continual.add_lr",
     "train.collective_timeout_s",
 )
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from pathways_mm.io import atomic_write_text
 from pathways_mm.metrics import LOWER_IS_BETTER
 from pathways_mm.routes_file import load as load_routes
 from pathways_mm.studies.baseline import baseline_config, dense_counterpart
-from pathways_mm.studies.common import final_eval, primary, records, run_stage, train_stage, trained
+from pathways_mm.studies.common import final_eval, primary, records, run_stage, spread, train_stage, trained
 from pathways_mm.viz import views
 
 VARIANTS = ("single_dense", "multi_dense", "sparse_tokens", "sparse_pathways", "sparse_specific")
@@ -154,27 +153,22 @@ def route_summary(doc: dict[str, Any]) -> dict[str, Any]:
     return {"layers": layers}
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
-
-
 def summarize(cfg: ExperimentConfig, seeds: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Mean and spread over seeds of every number the table shows."""
     table: dict[str, Any] = {}
     for variant, per_seed in runs.items():
-        row: dict[str, Any] = {"train_s": _stats([r["train_s"] for r in per_seed]), "tasks": {}}
+        row: dict[str, Any] = {"train_s": spread([r["train_s"] for r in per_seed]), "tasks": {}}
         for task in cfg.tasks:
             m = primary(task)
-            row["tasks"][task] = {m: _stats([r["metrics"][task][m] for r in per_seed])}
+            row["tasks"][task] = {m: spread([r["metrics"][task][m] for r in per_seed])}
         if variant in SPARSE:
             n_layers = len(per_seed[0]["routes"]["layers"])
             mi = [[r["routes"]["layers"][i]["mi_task"] / max(r["routes"]["layers"][i]["mi_task_max"], 1e-12)
                    for r in per_seed] for i in range(n_layers)]  # fmt: skip
-            row["mi_share"] = [_stats(v) for v in mi]
-            row["min_expert_load"] = [_stats([r["routes"]["layers"][i]["min_expert_load"] for r in per_seed])
+            row["mi_share"] = [spread(v) for v in mi]
+            row["min_expert_load"] = [spread([r["routes"]["layers"][i]["min_expert_load"] for r in per_seed])
                                       for i in range(n_layers)]  # fmt: skip
-            row["experts_kept"] = {t: [_stats([r["export"][t]["experts_kept"][i] for r in per_seed])
+            row["experts_kept"] = {t: [spread([r["export"][t]["experts_kept"][i] for r in per_seed])
                                        for i in range(n_layers)] for t in cfg.tasks}  # fmt: skip
         table[variant] = row
     moe: MoEConfig = cfg.model.moe

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,9 @@ def train_stage(cfg: ExperimentConfig, run_dir: Path, say) -> None:
 def primary(task: str) -> str:
     """The metric a task is judged by (its first)."""
     return get_task(task).metrics[0]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation, range and count of one number over seeds."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from pathways_mm.config import load_config
 from pathways_mm.studies.common import write_config
@@ -26,20 +27,30 @@ TINY = [
 @pytest.mark.slow
 def test_continual_benchmark_compares_add_task_finetune_and_scratch(tmp_path, data_dir):
     out = tmp_path / "cont"
-    res = run_cli(["continual", CFG, "--out-dir", out, *TINY], data_dir, timeout=900)
+    args = ["continual", CFG, "--seeds", "2", "--out-dir", out, *TINY, *sets("continual.add_lr=0.01")]
+    res = run_cli(args, data_dir, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((out / "continual.json").read_text())
     (row,) = result["tasks"]
     assert row["task"] == "digit_image" and row["old_outputs_bit_identical"] is True
     assert set(row["forgetting"]) == {"text_lm", "text_arith"}
-    assert all(f["add_task"] == 0.0 for f in row["forgetting"].values())
-    assert row["params_added"] > 0 and 0.0 <= row["reuse_share"] <= 1.0
-    assert {"add_task", "finetune", "scratch"} <= set(row)
+    assert row["largest_add_task_change"] == 0.0
+    assert all(f["add_task"]["max"] == f["add_task"]["min"] == 0.0 for f in row["forgetting"].values())
+    assert row["params_added"] > 0 and 0.0 <= row["reuse_share"]["mean"] <= 1.0
+    for method in ("add_task", "finetune", "scratch"):  # mean and spread of the two seeds' results
+        values = [r[0][method] for r in result["per_seed"]]
+        assert row[method]["n"] == 2 and row[method]["mean"] == pytest.approx(sum(values) / 2)
+        assert row[method]["min"] == min(values) and row[method]["max"] == max(values)
     assert "| digit_image | exact_match |" in (out / "continual.md").read_text()
-    base = json.loads((out / "base" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert base["step"] == 4 and set(base["eval"]) == {"text_lm", "text_arith"}  # the --set values reached the stage
+    for seed in (0, 1):  # each seed its own chain, trained with that seed
+        base = json.loads((out / f"seed{seed}" / "base" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert base["step"] == 4 and set(base["eval"]) == {"text_lm", "text_arith"}  # the --set values reached it
+        assert yaml.safe_load((out / f"seed{seed}" / "base.yaml").read_text())["seed"] == seed
+        lr = {m: yaml.safe_load((out / f"seed{seed}" / m / "digit_image" / "config.yaml").read_text())["train"]["lr"]
+              for m in ("add", "finetune")}  # fmt: skip
+        assert lr == {"add": 0.01, "finetune": 3.0e-3}  # continual.add_lr for add-task only
     # A rerun finds every stage done and only redraws the table.
-    again = run_cli(["continual", CFG, "--out-dir", out, *TINY], data_dir, timeout=300)
+    again = run_cli(args, data_dir, timeout=300)
     assert again.returncode == 0 and "training the first group" not in again.stderr, again.stderr[-2000:]
     assert json.loads((out / "continual.json").read_text()) == result
 
