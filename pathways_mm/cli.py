@@ -145,6 +145,7 @@ def cmd_add_task(args: argparse.Namespace) -> int:
         opts = AddTaskOptions(task=args.task, grow_experts=args.grow_experts, steps=args.steps, out_dir=args.out_dir)
         opts = dataclasses.replace(opts, config=args.config, overrides=parse_overrides(args.overrides))
         opts = dataclasses.replace(opts, freeze=not args.train_all, adapter_rank=args.adapter_rank, resume=args.resume)
+        opts = dataclasses.replace(opts, start_from=args.start_from)
         run_add_task(args.source, opts)
 
     return in_process_group(go)
@@ -186,7 +187,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
     def go() -> None:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out_dir) if args.out_dir else Path("runs") / f"continual-{cfg.name}"
-        run_continual(cfg, out, seeds=args.seeds, say=lambda s: print(s, file=sys.stderr))
+        run_continual(cfg, out, seeds=args.seeds, only_seed=args.only_seed, say=lambda s: print(s, file=sys.stderr))
 
     return on_rank_zero(go)
 
@@ -405,6 +406,11 @@ def _add_add_task(sub) -> None:
     _add_set(a, "a train/data/eval setting or plugins=[module]")
     a.add_argument("--train-all", action="store_true", help="baseline: train every weight (old tasks forget)")
     a.add_argument(
+        "--start-from",
+        metavar="TASK",
+        help="the old task whose pathway the new one starts from (default: the one its data fits best)",
+    )
+    a.add_argument(
         "--resume",
         action="store_true",
         help="continue a killed add-task in --out-dir from its newest checkpoint (same --from and flags)",
@@ -472,6 +478,12 @@ def _add_continual(sub) -> None:
     c = sub.add_parser("continual", help="continual benchmark: add-task vs fine-tuning vs scratch")
     c.add_argument("config", help="experiment YAML with a continual: section")
     c.add_argument("--seeds", type=int, default=3, help="seeds, each its own chain of runs (default 3)")
+    c.add_argument(
+        "--only-seed",
+        type=int,
+        metavar="S",
+        help="run seed S's chain alone (one process per seed); the last one to finish writes the table",
+    )
     c.add_argument("--out-dir", help="results folder (default: runs/continual-NAME); rerun to continue")
     _add_set(c)
     c.set_defaults(func=cmd_continual)

@@ -78,6 +78,7 @@ class AddTaskOptions:
     freeze: bool = True  # False: --train-all, the fine-tuning baseline
     adapter_rank: int = 0
     resume: bool = False  # continue a killed add-task in out_dir from its newest checkpoint
+    start_from: str | None = None  # the old task whose pathway the new one starts from (None: the closest)
 
 
 class Request(NamedTuple):
@@ -129,6 +130,7 @@ class AddTaskHooks(Hooks):
     def __init__(self, req: Request, opts: AddTaskOptions, tok: TextTokenizer):
         self.tag_dir, self.old_cfg, self.cfg = req.tag_dir, req.old, req.new
         self.task, self.grow, self.freeze, self.tok = opts.task, opts.grow_experts, opts.freeze, tok
+        self.start_from = opts.start_from
         pathways = req.meta.get("pathways")
         self.old_pathways = pathways if isinstance(pathways, dict) else None  # carried forward into the new record
         self.old_tasks = [get_task(t) for t in self.old_cfg.tasks]
@@ -152,7 +154,7 @@ class AddTaskHooks(Hooks):
             for tid, old in enumerate(self.old_cfg.tasks):
                 batch = probe_batch(task, tid, samples, self.cfg, self.tok).to(ds_engine.device())
                 losses[old] = forward_loss(model, batch).lm_loss.item()
-        closest = self.old_cfg.tasks.index(min(losses, key=losses.get))
+        closest = self.old_cfg.tasks.index(self.start_from or min(losses, key=losses.get))
         seeds, start = self._preferred(model, probe_batch(task, closest, samples, self.cfg, self.tok), closest)
         return closest, seeds, losses, start
 
@@ -304,6 +306,8 @@ def _check_request(old: ExperimentConfig, tag_dir: Path, table: dict[str, int], 
         )
     if len(table) + 1 > old.model.max_tasks:
         raise ConfigError(f"{tag_dir} already holds model.max_tasks={old.model.max_tasks} tasks; no pathway is free")
+    if opts.start_from is not None and opts.start_from not in old.tasks:
+        raise ConfigError(f"--start-from {opts.start_from}: not a task of {tag_dir}; it has {', '.join(old.tasks)}")
     if adapter_rank and old.model.adapter_rank not in (0, adapter_rank):
         raise ConfigError(
             f"--adapter-rank {adapter_rank}: the checkpoint's adapters have rank {old.model.adapter_rank}; "

@@ -27,9 +27,16 @@ from pathways_mm.io import atomic_write_text, output_dir
 from pathways_mm.metrics import LOWER_IS_BETTER
 from pathways_mm.studies.common import final_eval, only_tasks, primary, run_stage, spread, train_stage
 
+ROWS = "rows.json"  # a seed's finished rows, in its folder
 
-def run_continual(cfg: ExperimentConfig, out: Path, seeds: int = 3, say=print) -> dict[str, Any]:
-    """Every seed's chain (`out/seedS/...`), then the table of means and spreads over seeds."""
+
+def run_continual(
+    cfg: ExperimentConfig, out: Path, seeds: int = 3, only_seed: int | None = None, say=print
+) -> dict[str, Any] | None:
+    """Every seed's chain (`out/seedS/...`), then the table of means and spreads over seeds.
+
+    only_seed: run that seed's chain alone (one process or machine per seed); the table is
+    written once every seed's chain is done. Returns None while some are not."""
     c = cfg.continual
     if not c.add:
         raise ConfigError(f"{cfg.source}: continual.add lists no task to add after {list(cfg.tasks)}")
@@ -37,7 +44,15 @@ def run_continual(cfg: ExperimentConfig, out: Path, seeds: int = 3, say=print) -
         raise ConfigError("continual: the model needs MoE layers (model.moe.num_experts > 0) for add-task")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if only_seed is not None and not 0 <= only_seed < seeds:
+        raise ConfigError(f"--only-seed {only_seed}: the seeds are 0 to {seeds - 1}")
     output_dir(out, "--out-dir").mkdir(parents=True, exist_ok=True)
+    if only_seed is not None:
+        _chain(cfg.replace(seed=only_seed), out / f"seed{only_seed}", say)
+        missing = [s for s in range(seeds) if not (out / f"seed{s}" / ROWS).is_file()]
+        if missing:
+            say(f"continual: seed {only_seed} done; the table waits for seeds {missing}")
+            return None
     per_seed = []
     for seed in range(seeds):
         say(f"continual: seed {seed + 1} of {seeds}")
@@ -74,6 +89,7 @@ def _chain(cfg: ExperimentConfig, out: Path, say) -> list[dict[str, Any]]:
         stage["scratch"] = final_eval(out / "scratch" / task)[task]
         rows.append(_row(task, stage))
         chain = out / "add" / task
+    atomic_write_text(out / ROWS, json.dumps(rows, indent=2))  # this seed is done
     return rows
 
 

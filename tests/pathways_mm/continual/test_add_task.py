@@ -70,6 +70,7 @@ def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_d
             4,
             "--out-dir",
             out,
+            *(["--start-from", "text_lm"] if grow else []),
             *QUICK,
         ],
         data_dir,
@@ -81,6 +82,8 @@ def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_d
     report = json.loads((out / "add_task_report.json").read_text())
     assert report["old_outputs_bit_identical"] is True
     assert all(v["change"] == 0.0 for m in report["old_tasks"].values() for v in m.values())
+    if grow:  # the pathway the user named, not the one the data fits best
+        assert report["closest_task"] == "text_lm"
     meta = ckpt.read_meta(ckpt.resolve_checkpoint(out))
     assert meta["task_table"] == {"text_lm": 0, "text_arith": 1, "digit_image": 2}
     assert meta["pathways"]["digit_image"]["owns_experts"] == list(range(4, 4 + grow))
@@ -179,6 +182,7 @@ def _with_meta(run_dir, tmp_path, edit):
         ("exists", "task 'text_arith' already exists"),
         ("divisible", "--grow-experts 1: 4 + 1 experts do not split over ep_size=2"),
         ("size", "model differs from the checkpoint's in model.d_ff, model.d_model"),
+        ("start", "--start-from digit_speech: not a task of"),
     ],
 )
 def test_bad_requests_are_one_line_errors_and_touch_nothing(case, message, base_run, tmp_path, data_dir):
@@ -192,6 +196,8 @@ def test_bad_requests_are_one_line_errors_and_touch_nothing(case, message, base_
         args += ["--grow-experts", "1"]
     elif case == "size":
         args += ["--config", MOE_CFG, *sets("model.size=tiny")]
+    elif case == "start":
+        args += ["--start-from", "digit_speech"]
     before = _files(src)
     res = run_cli(["add-task", "--from", src, *args, "--out-dir", tmp_path / "new"], data_dir)
     assert res.returncode == 2, res.stderr[-2000:]
@@ -266,6 +272,7 @@ def test_add_task_over_two_processes_with_expert_parallelism(grow, ep2_run, tmp_
             "3",
             "--out-dir",
             out,
+            *(["--start-from", "text_lm"] if grow else []),
             *QUICK,
         ],
         data_dir,

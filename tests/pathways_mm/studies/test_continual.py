@@ -28,8 +28,13 @@ TINY = [
 def test_continual_benchmark_compares_add_task_finetune_and_scratch(tmp_path, data_dir):
     out = tmp_path / "cont"
     args = ["continual", CFG, "--seeds", "2", "--out-dir", out, *TINY, *sets("continual.add_lr=0.01")]
-    res = run_cli(args, data_dir, timeout=900)
+    res = run_cli([*args, "--only-seed", "1"], data_dir, timeout=900)  # as one of two processes would
+    assert res.returncode == 0 and "the table waits for seeds [0]" in res.stderr, res.stderr[-3000:]
+    assert (out / "seed1" / "rows.json").is_file() and not (out / "seed0").exists()
+    assert not (out / "continual.json").exists()
+    res = run_cli(args, data_dir, timeout=900)  # runs seed 0, finds seed 1 done
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"-> {out / 'seed0' / 'base'}" in res.stderr and f"-> {out / 'seed1'}" not in res.stderr
     result = json.loads((out / "continual.json").read_text())
     (row,) = result["tasks"]
     assert row["task"] == "digit_image" and row["old_outputs_bit_identical"] is True
@@ -58,6 +63,9 @@ def test_continual_benchmark_compares_add_task_finetune_and_scratch(tmp_path, da
 def test_continual_needs_tasks_to_add(data_dir, tmp_path):
     res = run_cli(["continual", CFG, "--out-dir", tmp_path / "c", *sets("continual.add=[]")], data_dir)
     assert res.returncode == 2 and "continual.add lists no task" in res.stderr, res.stderr[-2000:]
+    res = run_cli(["continual", CFG, "--out-dir", tmp_path / "c", "--seeds", "2", "--only-seed", "2"], data_dir)
+    assert res.returncode == 2 and "--only-seed 2: the seeds are 0 to 1" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "c").exists()
     res = run_cli(["continual", CFG, *sets("continual.add=[digit_image]")], data_dir)
     assert res.returncode == 2 and "none of the first group" in res.stderr, res.stderr[-2000:]
 
