@@ -40,6 +40,7 @@ from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_write_text, atomic_writer, load_json, output_dir
 from pathways_mm.model.adapters import is_adapter
+from pathways_mm.model.batch import Batch
 from pathways_mm.model.generate import greedy_generate, target_logits
 from pathways_mm.model.model import PathwaysModel, build_model
 from pathways_mm.routing import moe_layers
@@ -87,16 +88,23 @@ def adapter_slice(state: dict[str, torch.Tensor], cfg: ExperimentConfig, tid: in
     return out
 
 
+def eval_batches(task: Task, tid: int, samples: list[Any], cfg: ExperimentConfig, tok: TextTokenizer) -> list[Batch]:
+    """`samples` of task `tid` collated in eval batches (eval.batch_size), teacher-forced."""
+    bs = cfg.eval.batch_size
+    chunks = (samples[i : i + bs] for i in range(0, len(samples), bs))
+    return [
+        collate([encode(task, x) for x in chunk], [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model)
+        for chunk in chunks
+    ]
+
+
 @torch.no_grad()
 def run_task(
     model, task: Task, tid: int, samples: list[Any], cfg: ExperimentConfig, tok: TextTokenizer
 ) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Teacher-forced target logits and greedy outputs of `samples`, in eval batches."""
     logits, gens = [], []
-    bs = cfg.eval.batch_size
-    for start in range(0, len(samples), bs):
-        examples = [encode(task, s) for s in samples[start : start + bs]]
-        batch = collate(examples, [tid] * len(examples), tok, cfg.data.max_len, model_cfg=cfg.model)
+    for batch in eval_batches(task, tid, samples, cfg, tok):
         logits.append(target_logits(model, batch))
         gens += greedy_generate(
             model,
@@ -267,14 +275,7 @@ def time_generation(
     Each token still runs top-k experts in both, so the compute per token is the same; what the
     export saves is weights (memory, cache) and the dispatch over fewer experts."""
     dev = ds_engine.device()
-    bs = cfg.eval.batch_size
-    prompts = [
-        prompt_only(
-            collate([encode(task, x) for x in chunk], [tid] * len(chunk), tok, cfg.data.max_len, model_cfg=cfg.model),
-            tok.pad_id,
-        ).to(dev)
-        for chunk in (samples[i : i + bs] for i in range(0, len(samples), bs))
-    ]
+    prompts = [prompt_only(b, tok.pad_id).to(dev) for b in eval_batches(task, tid, samples, cfg, tok)]
 
     def generate(model: PathwaysModel) -> None:
         for batch in prompts:
