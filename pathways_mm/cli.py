@@ -16,7 +16,6 @@ without loading DeepSpeed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -142,10 +141,11 @@ def cmd_add_task(args: argparse.Namespace) -> int:
     from pathways_mm.continual.add_task import AddTaskOptions, run_add_task
 
     def go() -> None:
-        opts = AddTaskOptions(task=args.task, grow_experts=args.grow_experts, steps=args.steps, out_dir=args.out_dir)
-        opts = dataclasses.replace(opts, config=args.config, overrides=parse_overrides(args.overrides))
-        opts = dataclasses.replace(opts, freeze=not args.train_all, adapter_rank=args.adapter_rank, resume=args.resume)
-        opts = dataclasses.replace(opts, start_from=args.start_from)
+        opts = AddTaskOptions(
+            **_pick(args, "task", "grow_experts", "steps", "out_dir", "config", "adapter_rank", "resume", "start_from"),
+            overrides=parse_overrides(args.overrides),
+            freeze=not args.train_all,
+        )
         run_add_task(args.source, opts)
 
     return in_process_group(go)

@@ -55,6 +55,10 @@ def run_continual(
             return None
     per_seed = []
     for seed in range(seeds):
+        done = out / f"seed{seed}" / ROWS  # a finished seed's rows, not its chain walked again
+        if done.is_file():
+            per_seed.append(json.loads(done.read_text()))
+            continue
         say(f"continual: seed {seed + 1} of {seeds}")
         per_seed.append(_chain(cfg.replace(seed=seed), out / f"seed{seed}", say))
     result = {
