@@ -1,8 +1,10 @@
 """Audio encoder: torchaudio log-mel spectrogram, SpecAugment masks in training, conv subsampling.
 
 A clip is an `Audio(samples, sample_rate)`: mono int16 (or float in -1..1) at exactly
-`model.audio.sample_rate` — a clip at another rate is refused rather than resampled behind the
-user's back. The encoder maps a padded batch to `[N, M, d_model]` with a length mask; padded
+`model.audio.sample_rate`. Files and clips at other rates go through one decoder, `read_clip` and
+`at_rate`, which training (declared tasks), `predict` and `pathways_mm.load` all use: channels
+averaged, resampled to the model's rate. The encoder itself refuses a clip at another rate, so a
+task whose own code makes clips cannot be resampled behind its back. The encoder maps a padded batch to `[N, M, d_model]` with a length mask; padded
 frames are zeroed before every convolution, so a clip encodes the same whatever shares its batch.
 
 Shape suffixes: N clips, T samples, C channels, F mel bins, M frames after subsampling, D d_model.
@@ -26,6 +28,30 @@ from pathways_mm.encoders.vision import MediaError
 class Audio(NamedTuple):
     samples: np.ndarray  # [T] int16, or float in -1..1
     sample_rate: int
+
+
+def at_rate(clip: Audio, sample_rate: int) -> Audio:
+    """`clip` at `sample_rate`: kept as it is when already there, else as float32 in -1..1
+    resampled with torchaudio's windowed sinc (what training does to a declared task's files)."""
+    if clip.sample_rate == sample_rate:
+        return clip
+    samples = np.asarray(clip.samples)
+    x = samples.astype(np.float32) / 32768.0 if samples.dtype == np.int16 else samples.astype(np.float32)
+    resampled = torchaudio.functional.resample(torch.from_numpy(x), clip.sample_rate, sample_rate).numpy()
+    return Audio(np.clip(resampled, -1.0, 1.0).astype(np.float32), sample_rate)
+
+
+def read_clip(src, sample_rate: int) -> Audio:
+    """An audio file (a path or a binary stream; WAV, FLAC, OGG: anything libsndfile reads) as mono
+    float32 samples at `sample_rate`: channels averaged, then `at_rate`. MediaError if unreadable."""
+    import soundfile  # a reader only files need: the built-in tasks make their clips in memory
+
+    try:
+        samples_TC, rate = soundfile.read(src, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
+        raise MediaError(f"not an audio file libsndfile can read, e.g. WAV or FLAC ({e})") from None
+    clip = at_rate(Audio(samples_TC.mean(axis=1), int(rate)), sample_rate)
+    return Audio(np.clip(clip.samples, -1.0, 1.0).astype(np.float32), sample_rate)
 
 
 def num_frames(num_samples: int, cfg: AudioConfig) -> int:

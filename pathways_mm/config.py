@@ -186,8 +186,9 @@ class DataConfig:
     prefetch_factor: int = 2  # micro-batches each worker prepares ahead
     pin_memory: bool = True  # page-locked batches for a faster copy to the GPU (ignored on a CPU)
     # A sample that cannot be read or decoded: "error" stops the run naming the file; "skip"
-    # drops it from its batch, counts it in metrics.jsonl, and stops the run only once more
-    # than max_bad_fraction of the samples read so far were bad.
+    # drops it from its batch, counts it in metrics.jsonl, and saves and stops the run once more
+    # than max_bad_fraction of the samples read were bad, judged when enough were read to tell
+    # (training/bad_samples.py).
     on_bad_sample: str = "error"
     max_bad_fraction: float = 0.01
 

@@ -62,24 +62,29 @@ def check_data(cfg: ExperimentConfig, num_workers: int | None = None) -> list[Ba
     root = data_root(cfg)
     bad: list[Bad] = []
     counts = []
+    total = 0
     for task in resolve_tasks(cfg, list(cfg.declare)):
         for split in task.splits:
             samples = load_split(task, split, root, cfg.data.seed)
-            bad += [Bad(task.name, split, d) for d in getattr(samples, "damage", [])]
+            for damage in getattr(samples, "damage", []):
+                bad.append(Bad(task.name, split, damage))
+                print(f"bad: {task.name} {split}: {damage}")
             loader = DataLoader(
                 _Checks(task, samples, cfg, tok), batch_size=None, num_workers=workers, collate_fn=_as_is
             )
             before = len(bad)
+            total += len(samples)
             for msg in tqdm(loader, total=len(samples), desc=f"{task.name} {split}", unit="sample", file=sys.stderr):
                 if msg is not None:
                     bad.append(Bad(task.name, split, msg))
-                    tqdm.write(f"bad: {task.name} {split}: {msg}", file=sys.stderr)
+                    tqdm.write(f"bad: {task.name} {split}: {msg}", file=sys.stdout)
             counts.append(f"{task.name} {split}: {len(samples)} samples, {len(bad) - before} bad")
     print("\n".join(counts))
-    for b in bad:
-        print(f"bad: {b.task} {b.split}: {b.message}")
     if bad:
+        share = len(bad) / max(1, total)
         raise ConfigError(
-            f"{len(bad)} bad samples (listed above); fix or remove them, or train with data.on_bad_sample: skip"
+            f"{len(bad)} bad samples of {total} ({share:.2%}, listed above); fix or remove them, or train with "
+            f"data.on_bad_sample: skip, which stops a run once more than data.max_bad_fraction "
+            f"(now {cfg.data.max_bad_fraction}) of the samples it reads are bad"
         )
     return bad

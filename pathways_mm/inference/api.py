@@ -27,6 +27,7 @@ import torch
 
 from pathways_mm.config import ExperimentConfig, config_from_dict, one_process
 from pathways_mm.data.collate import collate
+from pathways_mm.data.declared import declare_tasks
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.inference.export import INFO, load_export
@@ -85,6 +86,7 @@ class TrainedModel:
         self.module = module.to(device).eval()
         self.cfg, self.table, self.source, self.device = cfg, dict(table), source, device
         self.tok: TextTokenizer = load_tokenizer()
+        declare_tasks(cfg)  # the model's declared tasks are data, not code: safe to rebuild from its config
 
     @property
     def tasks(self) -> list[str]:
@@ -113,8 +115,8 @@ class TrainedModel:
         """The model's answer to one input (greedy decoding).
 
         image: a file path, a PIL image or a grayscale array (ink bright on dark, as in training);
-        audio: a WAV file path or (samples, sample_rate) at the model's rate (16 kHz); text: the
-        prompt. Only the inputs the task reads may be given. max_new_tokens: default the task's.
+        audio: an audio file path (WAV, FLAC, OGG) or (samples, sample_rate), resampled to the
+        model's rate as training resamples a declared task's files; text: the prompt. Only the inputs the task reads may be given. max_new_tokens: default the task's.
         return_experts: a `Generation` with the experts each token went to, instead of the text.
         """
         item = {"image": image, "audio": audio, "text": text}
@@ -149,7 +151,8 @@ class TrainedModel:
         if unknown:
             raise ConfigError(f"{key}: unknown input {sorted(unknown)}; give image, audio and/or text")
         try:
-            return user_inputs(t.name, t.modalities, item.get("image"), item.get("audio"), item.get("text"))
+            rate = self.cfg.model.audio.sample_rate
+            return user_inputs(t.name, t.modalities, item.get("image"), item.get("audio"), item.get("text"), rate)
         except ConfigError as e:
             raise ConfigError(f"{key}: {e}") from None
 

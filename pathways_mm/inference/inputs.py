@@ -3,8 +3,9 @@
 Images become grayscale `[H, W]` arrays as the training data holds them (ink bright on a dark
 background, as MNIST's); a colour image is converted to luminance. Audio becomes an
 `Audio(samples, sample_rate)`: a WAV file (PCM, any channel count, mixed down to mono) or
-samples given with their rate. The rate must be the model's (16 kHz): a clip at another rate is
-refused, as in training, not resampled behind the user's back.
+samples given with their rate, resampled to the model's rate by the decoder training uses for a
+declared task's files (`encoders.audio.read_clip`), so a clip that trained is a clip `predict`
+takes.
 
 Shape suffixes: H rows, W columns, C channels, T samples.
 """
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pathways_mm.encoders.audio import Audio
+from pathways_mm.encoders.audio import Audio, at_rate, read_clip
+from pathways_mm.encoders.vision import MediaError
 from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_writer
 
@@ -52,41 +54,26 @@ def read_image(value: Any) -> np.ndarray:
     return arr
 
 
-def read_wav(path: Path) -> Audio:
-    """A PCM WAV file as mono samples (int16 kept as is; 8/24/32-bit and multi-channel as float)."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
-            raw = w.readframes(w.getnframes())
-    except (OSError, EOFError, wave.Error) as e:
-        raise ConfigError(f"cannot read audio {path}: {e} (give a PCM WAV file)") from None
-    if width == 1:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2")
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float32) / 2.0**23
-    else:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2.0**31
-    if channels > 1:
-        x = x.reshape(-1, channels).astype(np.float32)
-        x = x.mean(axis=1) / (32768.0 if width == 2 else 1.0)
-    return Audio(np.ascontiguousarray(x), rate)
-
-
-def read_audio(value: Any) -> Audio:
-    """A clip as `Audio`: a WAV file path, an `Audio`, or a `(samples, sample_rate)` pair."""
+def read_audio(value: Any, sample_rate: int) -> Audio:
+    """A clip as `Audio` at the model's `sample_rate`: from an audio file path (WAV, FLAC, OGG),
+    an `Audio`, or a `(samples, sample_rate)` pair; decoded and resampled as training decodes a
+    declared task's files (`encoders.audio.read_clip` and `at_rate`)."""
     path = _as_path(value)
     if path is not None:
-        return read_wav(path)
-    if isinstance(value, Audio):
-        return value
+        try:
+            return read_clip(path, sample_rate)
+        except MediaError as e:
+            raise ConfigError(f"cannot read audio {path}: {e}") from None
     if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], (int, np.integer)):
-        return Audio(np.asarray(value[0]), int(value[1]))
-    raise ConfigError(
-        f"audio given as {type(value).__name__}: give a WAV file path or (samples, sample_rate), e.g. (array, 16000)"
-    )
+        value = Audio(np.asarray(value[0]), int(value[1]))
+    if not isinstance(value, Audio):
+        raise ConfigError(
+            f"audio given as {type(value).__name__}: give an audio file path or (samples, sample_rate), "
+            "e.g. (array, 16000)"
+        )
+    if value.sample_rate < 1:
+        raise ConfigError(f"audio at {value.sample_rate} Hz: a sample rate must be >= 1")
+    return at_rate(value, sample_rate)
 
 
 def check_inputs(task_name: str, modalities: tuple[str, ...], given: Iterable[str]) -> None:
@@ -105,9 +92,15 @@ def check_inputs(task_name: str, modalities: tuple[str, ...], given: Iterable[st
 
 
 def user_inputs(
-    task_name: str, modalities: tuple[str, ...], image: Any = None, audio: Any = None, text: str | None = None
+    task_name: str,
+    modalities: tuple[str, ...],
+    image: Any = None,
+    audio: Any = None,
+    text: str | None = None,
+    sample_rate: int = 16_000,
 ) -> dict[str, Any]:
-    """{modality: raw} for a task that reads `modalities`, checked (`check_inputs`) and read."""
+    """{modality: raw} for a task that reads `modalities`, checked (`check_inputs`) and read
+    (audio at the model's `sample_rate`)."""
     given = {"image": image, "audio": audio, "text": text}
     check_inputs(task_name, modalities, [m for m, v in given.items() if v is not None])
     if text is not None and not isinstance(text, str):
@@ -116,7 +109,7 @@ def user_inputs(
     if "image" in modalities:
         out["image"] = read_image(image)
     if "audio" in modalities:
-        out["audio"] = read_audio(audio)
+        out["audio"] = read_audio(audio, sample_rate)
     if "text" in modalities:
         out["text"] = text or ""
     return out

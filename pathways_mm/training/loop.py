@@ -30,7 +30,7 @@ from pathways_mm.data.sampler import MixtureSampler
 from pathways_mm.data.taskset import LoadedBatch, TaskSet, load_tasks, make_sampler
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError, TrainingAborted
-from pathways_mm.io import atomic_write_text, output_dir
+from pathways_mm.io import atomic_write_text, describe_os_error, output_dir
 from pathways_mm.metrics import format_table
 from pathways_mm.model.model import build_model, param_counts
 from pathways_mm.runtime import checkpoint as ckpt
@@ -38,9 +38,9 @@ from pathways_mm.runtime import engine as ds_engine
 from pathways_mm.runtime import faults, reshard
 from pathways_mm.runtime.watchdog import CollectiveGuard
 from pathways_mm.training import routes
-from pathways_mm.training.bad_samples import BadSamples
+from pathways_mm.training.bad_samples import BadSamples, TooManyBadSamples
 from pathways_mm.training.evaluate import evaluate
-from pathways_mm.training.logs import Logs, open_logs
+from pathways_mm.training.logs import CSV, TENSORBOARD, Logs, open_logs
 from pathways_mm.training.losses import forward_loss
 
 
@@ -131,8 +131,8 @@ class Run:
         return self.out_dir / "checkpoints"
 
     def say(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"pathways-mm: {msg}", file=sys.stderr)
+        if self.rank == 0:  # tqdm.write: a line of its own above the progress bar, not onto it
+            tqdm.write(f"pathways-mm: {msg}", file=sys.stderr)
 
 
 # What `train` writes into train.out_dir; a folder holding the first two holds a run, and
@@ -143,6 +143,17 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "routes")
 def run_files(out_dir: Path) -> list[str]:
     """The marks of a training run in `out_dir` (checkpoints/, metrics.jsonl); empty: no run there."""
     return [name for name in RUN_FILES[:2] if (out_dir / name).exists()]
+
+
+def set_aside(out: Path) -> Path:
+    """Move the files of a run that published no checkpoint (it holds no finished work) into
+    `out/stopped-<UTC time>/`, so that the same command starts afresh and loses nothing."""
+    aside = out / time.strftime("stopped-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir()
+    for name in (*RUN_FILES, CSV, TENSORBOARD):
+        if (out / name).exists():
+            (out / name).rename(aside / name)
+    return aside
 
 
 def claim_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
@@ -156,7 +167,15 @@ def claim_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
         try:
             output_dir(out, "train.out_dir")
             found = run_files(out)
-            if found and not resume and not overwrite:
+            unsaved = found and not any(map(ckpt.is_published, ckpt.tag_dirs(out / "checkpoints")))
+            if unsaved and not overwrite:
+                aside = set_aside(out)
+                print(
+                    f"pathways-mm: {out} holds a run that stopped before its first checkpoint; starting afresh "
+                    f"(its logs are kept in {aside})",
+                    file=sys.stderr,
+                )
+            elif found and not resume and not overwrite:
                 problem = (
                     f"train.out_dir {out} already holds a run ({', '.join(found)}); continue it with --resume, "
                     "or start over with --overwrite (deletes its checkpoints and metrics), or set another train.out_dir"
@@ -170,6 +189,8 @@ def claim_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
                 print(f"pathways-mm: --overwrite: deleted the run in {out}", file=sys.stderr)
         except ConfigError as e:
             problem = str(e)
+        except OSError as e:
+            problem = f"train.out_dir {out}: {describe_os_error(e)}"
     problem = dist.broadcast(problem)
     if problem:
         raise ConfigError(problem)
@@ -267,7 +288,7 @@ def set_up(cfg: ExperimentConfig, rank: int, world: int, resume: bool, hooks: Ho
     if "tensorboard" in cfg.train.log_to and cfg.model.moe.num_experts:
         r.load = routes.LoadWindow(engine)
     r.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
-    r.bad = BadSamples(cfg.data, list(ts.table), r.say)
+    r.bad = BadSamples(cfg.data, list(ts.table), r.say, sum(map(len, ts.train)))
     r.batches = micro_batches(cfg, ts, r.sampler, tok, rank, start)
     engine.train()
     return r
@@ -316,7 +337,14 @@ def train_step(r: Run, step: int) -> None:
 def log_step(r: Run, done: int) -> None:
     """Mean loss and per-task loss (and expert load) since the last log step, over every rank, into the
     logs (with data.on_bad_sample: skip, the bad samples too)."""
-    bad = r.bad.reduce(ds_engine.device()) if r.cfg.data.on_bad_sample == "skip" else {}
+    try:
+        bad = r.bad.reduce(ds_engine.device()) if r.cfg.data.on_bad_sample == "skip" else {}
+    except TooManyBadSamples as e:  # every rank raises at this step: save (together), then stop
+        path = save(r, done)
+        raise TooManyBadSamples(
+            f"{e}; saved {path} first. List them with `pathways-mm data check CONFIG` and fix or remove them, "
+            "or raise data.max_bad_fraction (--set data.max_bad_fraction=...) and continue with --resume"
+        ) from None
     if r.window.empty:
         return
     loss, per_task = r.window.reduce(done, r.ts.table)
@@ -415,5 +443,8 @@ def finish(r: Run) -> dict[str, Any]:
             "passes over each task's training data (1 = every sample once): "
             + ", ".join(f"{t} {p:.2f}" for t, p in passes.items())
         )
+        if r.bad.bad_total:
+            share = r.bad.bad_total / max(1, r.bad.read_total)
+            r.say(f"skipped {r.bad.bad_total} bad samples of the {r.bad.read_total} read ({share:.2%})")
         r.say(f"done in {summary['train_s']}s; checkpoint {final}; metrics {r.out_dir / 'metrics.jsonl'}")
     return summary

@@ -115,7 +115,9 @@ class JsonlSource(_Manifest):
         data, offset = self._bytes(i)
         try:
             values = json.loads(data)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        except json.JSONDecodeError as e:  # its own line and column would count from this one line
+            raise BadSample(f"{self._where(offset)}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # UnicodeDecodeError
             raise BadSample(f"{self._where(offset)}: malformed JSON line ({e})") from None
         if not isinstance(values, dict):
             raise BadSample(f"{self._where(offset)}: expected a JSON object, got {type(values).__name__}")

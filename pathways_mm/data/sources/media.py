@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
 from pathways_mm.data.sources.base import BadSample, Row
-from pathways_mm.encoders.audio import Audio
+from pathways_mm.encoders.audio import Audio, read_clip
+from pathways_mm.encoders.vision import MediaError
 
 
 def _file(row: Row, field: str, what: str) -> tuple[Any, str]:
@@ -47,15 +46,9 @@ def decode_image(row: Row, field: str) -> np.ndarray:
 
 
 def decode_audio(row: Row, field: str, sample_rate: int) -> Audio:
-    """Mono float32 samples at `sample_rate` (channels averaged, resampled if the file's rate differs)."""
-    import soundfile  # only a declared task's audio needs it (not the built-in tasks, see sources/__init__)
-
+    """Mono float32 samples at `sample_rate` (`read_clip`: the decoder `predict` uses too)."""
     src, name = _file(row, field, "audio")
     try:
-        samples, rate = soundfile.read(src, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as e:
-        raise BadSample(f"{name}: not an audio file libsndfile can read, e.g. WAV or FLAC ({e})") from None
-    mono = samples.mean(axis=1)
-    if rate != sample_rate:
-        mono = AF.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
-    return Audio(np.clip(mono, -1.0, 1.0).astype(np.float32), sample_rate)
+        return read_clip(src, sample_rate)
+    except MediaError as e:
+        raise BadSample(f"{name}: {e}") from None

@@ -10,10 +10,13 @@ import shutil
 
 import pytest
 
+from pathways_mm.config import DataConfig
+from pathways_mm.training.bad_samples import clearly_over, judge_after
 from tests.helpers import deepspeed_launch, read_metrics, run_cli, sets
 
 QUICK = sets("train.micro_batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.max_samples=4")
 MOE = sets("model.moe.num_experts=4", "model.moe.top_k=2")
+SKIP_HALF = ("data.on_bad_sample=skip", "data.max_bad_fraction=0.5")
 SEEN_WORD = """\
   seen_word:
     inputs: {image: image}
@@ -130,37 +133,50 @@ def test_bad_data_is_named_skipped_and_counted(broken, data_dir, tmp_path):
     cfg = broken / "experiment.yaml"
     base = [cfg, *QUICK, *sets("tasks=[seen_digit, heard_digit]", "train.steps=3", "data.num_workers=1")]
     res = run_cli(["data", "check", cfg, "--workers", "1"], data_dir)
-    assert res.returncode == 2 and "2 bad samples" in res.stderr
-    assert "train.jsonl line 3: malformed JSON line" in res.stdout and "missing-" in res.stdout
-    res = run_cli(["train", *base, *sets(f"train.out_dir={tmp_path / 'stop'}")], data_dir)
+    assert res.returncode == 2 and "2 bad samples" in res.stderr and "data.max_bad_fraction" in res.stderr
+    assert res.stdout.count("train.jsonl line 3: malformed JSON line") == 1 and res.stdout.count("missing-") == 1
+    assert "line 1 column" not in res.stdout  # one line number: the manifest's
+    run = tmp_path / "run"
+    res = run_cli(["train", *base, *sets(f"train.out_dir={run}")], data_dir)
     assert res.returncode == 2 and "pathways-mm: error:" in res.stderr
     assert "train.jsonl line 3: malformed JSON line" in res.stderr or "image file not found" in res.stderr
-    run = tmp_path / "skip"
-    ok(
-        run_cli(
-            ["train", *base, *sets(f"train.out_dir={run}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.5")],
-            data_dir,
-        )
-    )
+    assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").exists()
+    # the same folder again: the stopped run holds no checkpoint, so the rerun starts, its logs kept aside
+    res = ok(run_cli(["train", *base, *sets(f"train.out_dir={run}", *SKIP_HALF)], data_dir))
+    assert "stopped before its first checkpoint; starting afresh" in res.stderr
+    (aside,) = run.glob("stopped-*")
+    assert (aside / "metrics.jsonl").is_file() and (aside / "config.yaml").is_file()
     records = [r for r in read_metrics(run) if "bad_total" in r]
     assert records[-1]["read_total"] == 3 * 8 and records[-1]["bad_total"] >= 1
     assert set().union(*(r["bad_samples"] for r in records)) == {"seen_digit"}
+    assert f"skipped {records[-1]['bad_total']} bad samples of the 24 read" in res.stderr
+    # over the limit: the run saves, then stops with one line that says how to go on
+    strict = tmp_path / "strict"
     res = run_cli(
-        [
-            "train",
-            *base,
-            *sets(f"train.out_dir={tmp_path / 'strict'}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.01"),
-        ],
+        ["train", *base, *sets(f"train.out_dir={strict}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.01")],
         data_dir,
     )
-    assert res.returncode == 2 and "more than data.max_bad_fraction=0.01" in res.stderr
+    assert res.returncode == 2, res.stderr[-2000:]
+    (error,) = [line for line in res.stderr.splitlines() if line.startswith("pathways-mm: error:")]
+    assert "more than data.max_bad_fraction=0.01" in error and "continue with --resume" in error
+    saved = (strict / "checkpoints" / "latest").read_text()
+    assert f"saved {strict / 'checkpoints' / saved} first" in error
+
+
+def test_the_share_of_bad_samples_is_judged_once_it_can_be():
+    cfg = DataConfig(on_bad_sample="skip", max_bad_fraction=0.01)
+    assert judge_after(cfg, num_rows=324) == 324  # small data: judged over all of it
+    assert judge_after(cfg, num_rows=10**6) == 1000  # large data: once 10 bad ones are expected at the limit
+    assert judge_after(DataConfig(max_bad_fraction=0.0), 324) == 0  # no bad sample allowed: judged at once
+    assert not clearly_over(4, 100, 0.01)  # 4 of the first 100: could be chance at 1%
+    assert clearly_over(8, 16, 0.01)  # half of them: not chance
 
 
 @pytest.mark.distributed
 def test_two_processes_with_workers_count_bad_samples_over_both_ranks(broken, data_dir, tmp_path):
     out = tmp_path / "dp"
     args = [broken / "experiment.yaml", *QUICK, *sets("train.steps=4", f"train.out_dir={out}", "data.num_workers=1")]
-    res = deepspeed_launch(2, ["train", *args, *sets("data.on_bad_sample=skip", "data.max_bad_fraction=0.5")], data_dir)
+    res = deepspeed_launch(2, ["train", *args, *sets(*SKIP_HALF)], data_dir)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     records = read_metrics(out)
     counted = [r for r in records if "read_total" in r]
