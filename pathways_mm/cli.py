@@ -303,7 +303,8 @@ def cmd_data_example(args: argparse.Namespace) -> int:
     from pathways_mm.data.examples import write_examples
 
     def go() -> None:
-        path = write_examples(Path(args.out), data_root(), sizes={"train": args.train, "test": args.test})
+        sizes = {split: n for split, n in (("train", args.train), ("test", args.test)) if n is not None}
+        path = write_examples(Path(args.out), data_root(), sizes=sizes)
         print(f"pathways-mm: wrote {args.out}; train on it with: pathways-mm train {path}", file=sys.stderr)
 
     return run_guarded(go)
@@ -326,8 +327,8 @@ def _add_data(sub) -> None:
     c.set_defaults(func=cmd_data_check)
     e = kinds.add_parser("example", help="write a small dataset in every source format and its experiment YAML")
     e.add_argument("out", help="new folder for the dataset")
-    e.add_argument("--train", type=int, default=48, help="training samples per format")
-    e.add_argument("--test", type=int, default=16, help="test samples per format")
+    e.add_argument("--train", type=int, help="training samples per format (default 320)")
+    e.add_argument("--test", type=int, help="test samples per format (default 80)")
     e.set_defaults(func=cmd_data_example)
 
 

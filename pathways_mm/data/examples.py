@@ -28,13 +28,14 @@ import torchaudio.functional as AF
 import webdataset as wds
 from PIL import Image
 
+from pathways_mm.errors import ConfigError
 from pathways_mm.io import atomic_write_text
 from pathways_mm.tasks.corpus import number_words
 from pathways_mm.tasks.digits import digit_images
 from pathways_mm.tasks.speech import SAMPLE_RATE, spoken_digits
 
-FLAC_RATE = 22_050  # the FLAC copies are at another rate than the model's: training resamples them
-SIZES = {"train": 48, "test": 16}
+FILE_RATE = 22_050  # the WAV and FLAC files are at another rate than the model's: training and predict resample
+SIZES = {"train": 320, "test": 80}
 
 EXPERIMENT = """\
 # Written by `pathways-mm data example`: one declared task per source format, on files next to
@@ -69,16 +70,25 @@ declare:
     max_new_tokens: 4
     splits: {{train: {{path: parquet/train.parquet}}, test: {{path: parquet/test.parquet}}}}
 model:
-  size: debug
+  size: debug  # d_model 64, 2 layers; images are read at model.vision.image_size = 16 rows
+  moe:  # the sparse model with task pathways (as the demo trains it): 8 experts, 2 per token
+    num_experts: 8
+    top_k: 2
+    expert_d_ff: 96
+    balance: global
+    mi_coef: 0.05
+    mask_mass: 0.95
+    mask_step: 1600  # 0.8 x train.steps: then each task keeps the fewest experts carrying 95% of its routes
 data:
   max_len: 64
 train:
-  steps: 200
+  steps: 2000
   micro_batch_size: 16
-  warmup_steps: 10
-  log_every: 10
-  out_dir: runs/own_data_example
-  ds_config: deepspeed.json  # relative to this file; configs/ds/ in the repository has GPU ones
+  lr: 3.0e-3
+  warmup_steps: 50
+  log_every: 20
+  out_dir: runs/own_data_example  # relative to where you run the command; paths above, to this file
+  ds_config: deepspeed.json  # optional; relative to this file; configs/ds/ in the repository has GPU ones
 eval:
   max_samples: {test}
 """
@@ -96,9 +106,9 @@ def _sound(samples: np.ndarray, rate: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _flac(clip: np.ndarray) -> bytes:
-    resampled = AF.resample(torch.from_numpy(clip.astype(np.float32) / 32768), SAMPLE_RATE, FLAC_RATE)
-    return _sound(resampled.clamp(-1, 1).numpy(), FLAC_RATE, "FLAC")
+def _at_file_rate(clip: np.ndarray) -> np.ndarray:
+    resampled = AF.resample(torch.from_numpy(clip.astype(np.float32) / 32768), SAMPLE_RATE, FILE_RATE)
+    return resampled.clamp(-1, 1).numpy()
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -114,10 +124,11 @@ def _split(out: Path, split: str, n: int, root: Path, seed: int) -> dict[str, li
     cols: dict[str, list] = {"digit": [], "heard": [], "png": [], "wav": [], "flac": [], "image": [], "audio": []}
     for i in range(n):
         j = int(rng.integers(len(images)))
-        png, wav = _png(images.images[j]), _sound(clips.audio[i], SAMPLE_RATE, "WAV")
+        clip = _at_file_rate(clips.audio[i])
+        png, wav = _png(images.images[j]), _sound(clip, FILE_RATE, "WAV")
         cols["png"].append(png)
         cols["wav"].append(wav)
-        cols["flac"].append(_flac(clips.audio[i]))
+        cols["flac"].append(_sound(clip, FILE_RATE, "FLAC"))
         cols["digit"].append(int(images.labels[j]))
         cols["heard"].append(int(clips.texts[i]))
         cols["image"].append(f"images/{split}-{i:04d}.png")
@@ -167,9 +178,13 @@ def _hf(out: Path, cols: dict[str, dict[str, list]]) -> None:
 
 
 def write_examples(out: Path, root: Path, seed: int = 1234, sizes: dict[str, int] | None = None) -> Path:
-    """Write the example datasets and experiment into `out` (media banks built under `root`); returns the experiment file."""
+    """Write the example datasets and experiment into `out` (media banks built under `root`); returns the
+    experiment file. sizes: samples per split, default SIZES (one given split keeps the other's default)."""
     out = Path(out)
-    sizes = sizes or SIZES
+    sizes = SIZES | (sizes or {})
+    for split, n in sizes.items():
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"--{split} {n}: give at least 1 sample per split")
     datasets.disable_progress_bars()
     cols = {}
     for split, n in sizes.items():

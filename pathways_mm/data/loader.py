@@ -4,11 +4,14 @@ Item (step, micro) is `load_batch(...)` at that key, a pure function of it, so t
 not depend on how many workers make them or in which order they finish (the DataLoader hands
 them out in key order): 0, 1 or 8 workers, and a resumed run, see the same batches. Workers
 read, decode, augment and collate `data.prefetch_factor` micro-batches each ahead of the step;
-with `data.pin_memory` on a GPU the batches arrive in page-locked memory.
+with `data.pin_memory` on a GPU the batches arrive in page-locked memory. A worker hands a
+batch over packed into one buffer per dtype (`Batch.packed`): receiving a tensor from another
+process costs a shared-memory segment each, and a batch has up to 15 of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -18,17 +21,23 @@ from pathways_mm.config import ExperimentConfig
 from pathways_mm.data.sampler import MixtureSampler
 from pathways_mm.data.taskset import LoadedBatch, TaskSet, load_batch
 from pathways_mm.encoders.text import TextTokenizer
+from pathways_mm.model.batch import PackedBatch
 
 
 class _MicroBatches(Dataset):
-    """Micro-batch (step, micro) of one rank."""
+    """Micro-batch (step, micro) of one rank; `pack`: as a `PackedBatch` (made in a worker)."""
 
-    def __init__(self, cfg: ExperimentConfig, ts: TaskSet, sampler: MixtureSampler, tok: TextTokenizer, rank: int):
-        self.cfg, self.ts, self.sampler, self.tok, self.rank = cfg, ts, sampler, tok, rank
+    def __init__(
+        self, cfg: ExperimentConfig, ts: TaskSet, sampler: MixtureSampler, tok: TextTokenizer, rank: int, pack: bool
+    ):
+        self.cfg, self.ts, self.sampler, self.tok, self.rank, self.pack = cfg, ts, sampler, tok, rank, pack
 
     def __getitem__(self, key: tuple[int, int]) -> LoadedBatch:
         step, micro = key
-        return load_batch(self.cfg, self.ts, self.sampler, self.tok, step, micro, self.rank)
+        loaded = load_batch(self.cfg, self.ts, self.sampler, self.tok, step, micro, self.rank)
+        if self.pack and loaded.batch is not None:
+            return dataclasses.replace(loaded, batch=loaded.batch.packed())
+        return loaded
 
 
 class _Keys(Sampler):
@@ -46,6 +55,12 @@ class _Keys(Sampler):
 
 def _as_is(item: LoadedBatch) -> LoadedBatch:
     return item
+
+
+def _unpacked(loaded: LoadedBatch) -> LoadedBatch:
+    if isinstance(loaded.batch, PackedBatch):
+        return dataclasses.replace(loaded, batch=loaded.batch.unpacked())
+    return loaded
 
 
 def _worker_init(worker_id: int) -> None:
@@ -67,7 +82,7 @@ def micro_batches(
     workers = cfg.data.num_workers if num_workers is None else num_workers
     keys = _Keys(start, cfg.train.steps if stop is None else stop, cfg.train.grad_accum)
     loader = DataLoader(
-        _MicroBatches(cfg, ts, sampler, tok, rank),
+        _MicroBatches(cfg, ts, sampler, tok, rank, pack=workers > 0),
         batch_size=None,
         sampler=keys,
         num_workers=workers,
@@ -76,4 +91,4 @@ def micro_batches(
         prefetch_factor=cfg.data.prefetch_factor if workers else None,
         worker_init_fn=_worker_init if workers else None,
     )
-    return iter(loader)
+    return map(_unpacked, loader)

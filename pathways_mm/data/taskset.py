@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from pathways_mm import dist
 from pathways_mm.config import ExperimentConfig, data_root
@@ -19,7 +18,7 @@ from pathways_mm.data.sampler import MixtureSampler
 from pathways_mm.data.sources import Row
 from pathways_mm.encoders.text import TextTokenizer
 from pathways_mm.errors import ConfigError
-from pathways_mm.model.batch import Batch
+from pathways_mm.model.batch import Batch, PackedBatch
 from pathways_mm.tasks import Task, ensure_loaded, get_task
 
 
@@ -78,19 +77,13 @@ class LoadedBatch:
 
     step: int
     micro: int
-    batch: Batch | None
+    batch: Batch | PackedBatch | None  # packed while it travels from a DataLoader worker
     num_read: int
     bad: list[tuple[int, str]] = field(default_factory=list)
     error: str | None = None
 
     def pin_memory(self) -> LoadedBatch:  # called by the DataLoader's pinning thread
-        if self.batch is None:
-            return self
-        pinned = {
-            f.name: v.pin_memory() if isinstance(v := getattr(self.batch, f.name), torch.Tensor) else v
-            for f in dataclasses.fields(self.batch)
-        }
-        return dataclasses.replace(self, batch=Batch(**pinned))
+        return self if self.batch is None else dataclasses.replace(self, batch=self.batch.pin_memory())
 
 
 def load_batch(

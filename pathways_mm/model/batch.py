@@ -6,6 +6,7 @@ P patches per image, M frames per clip, S image rows, W image columns, A audio s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -45,3 +46,39 @@ class Batch:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{f.name: None if (v := getattr(self, f.name)) is None else v.pin_memory() for f in fields(self)})
+
+    def packed(self) -> PackedBatch:
+        """The batch as one flat tensor per dtype (two, where it holds media), for handing over
+        between processes: each tensor a process receives is a shared-memory segment of its own."""
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        layout = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            group = groups.setdefault(v.dtype, [])
+            layout.append((f.name, v.dtype, sum(t.numel() for t in group), tuple(v.shape)))
+            group.append(v.reshape(-1))
+        return PackedBatch({dtype: torch.cat(ts) for dtype, ts in groups.items()}, tuple(layout))
+
+
+@dataclass
+class PackedBatch:
+    """A `Batch` as one flat buffer per dtype and where each field lies in it (`Batch.packed`)."""
+
+    buffers: dict[torch.dtype, torch.Tensor]
+    layout: tuple[tuple[str, torch.dtype, int, tuple[int, ...]], ...]  # field, dtype, offset, shape
+
+    def unpacked(self) -> Batch:
+        """The batch again: every field a view into its buffer (nothing is copied)."""
+        views = {}
+        for name, dtype, offset, shape in self.layout:
+            numel = math.prod(shape)
+            views[name] = self.buffers[dtype][offset : offset + numel].view(shape)
+        return Batch(**views)
+
+    def pin_memory(self) -> PackedBatch:
+        return PackedBatch({d: b.pin_memory() for d, b in self.buffers.items()}, self.layout)

@@ -54,6 +54,21 @@ def test_zero_one_and_two_workers_give_identical_batches(examples, data_dir):
     assert any(lb.batch.images is not None for lb in runs[2]) and any(lb.batch.audio is not None for lb in runs[2])
 
 
+def test_a_batch_travels_packed_in_one_buffer_per_dtype(examples, data_dir):
+    cfg = config(examples, data_dir)
+    ts = load_tasks(cfg)
+    sampler = make_sampler(cfg, ts)
+    batches = [load_batch(cfg, ts, sampler, TOK, s, m, 0).batch for s in range(4) for m in range(2)]
+    media = next(b for b in batches if b.images is not None and b.audio is not None)
+    for batch in batches:
+        packed = batch.packed()
+        dtypes = {getattr(batch, f.name).dtype for f in dataclasses.fields(Batch) if getattr(batch, f.name) is not None}
+        assert set(packed.buffers) == dtypes and len(packed.buffers) <= 2
+        assert same(packed.unpacked(), batch)
+    unpacked = media.packed().unpacked()
+    assert unpacked.images.untyped_storage().data_ptr() == unpacked.audio.untyped_storage().data_ptr()  # views
+
+
 def test_a_resumed_loader_sees_the_same_batches(examples, data_dir):
     cfg = config(examples, data_dir)
     ts = load_tasks(cfg)

@@ -4,15 +4,19 @@ skipped and counted, or stops the run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import shlex
 import shutil
 
 import pytest
+import soundfile
 
-from pathways_mm.config import DataConfig
+import pathways_mm
+from pathways_mm.config import DataConfig, load_config
 from pathways_mm.training.bad_samples import clearly_over, judge_after
-from tests.helpers import deepspeed_launch, read_metrics, run_cli, sets
+from tests.helpers import ROOT, deepspeed_launch, read_metrics, run_cli, sets
 
 QUICK = sets("train.micro_batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.max_samples=4")
 MOE = sets("model.moe.num_experts=4", "model.moe.top_k=2")
@@ -183,3 +187,61 @@ def test_two_processes_with_workers_count_bad_samples_over_both_ranks(broken, da
     assert counted[-1]["read_total"] == 4 * 8 * 2  # every rank's samples, summed
     assert counted[-1]["bad_total"] >= 1 and records[-1]["weights_in_sync"] is True
     assert all(t["n"] == 4 for t in records[-1]["eval"].values())  # both ranks' shards of each declared task
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_declared_tasks_answers_them(examples, data_dir, tmp_path):
+    """predict (one input and --input) and pathways_mm.load answer declared tasks, from the run and
+    from its export, exactly as `eval --predictions` scored the same samples; audio at 22,050 Hz."""
+    run = tmp_path / "run"
+    two = sets("tasks=[seen_digit, heard_digit]", "train.steps=4", f"train.out_dir={run}")
+    ok(run_cli(["train", examples / "experiment.yaml", *QUICK, *MOE, *two], data_dir))
+    ok(run_cli(["eval", run, "--max-samples", "4", "--predictions", tmp_path / "p.jsonl"], data_dir))
+    scored = {(p["task"], p["key"]): p["output"] for p in map(json.loads, (tmp_path / "p.jsonl").open())}
+    images = [examples / json.loads(line)["image"] for line in (examples / "test.jsonl").open()]
+    clips = [examples / r["audio"] for r in csv.DictReader((examples / "test.csv").open())]
+    assert {soundfile.info(str(c)).samplerate for c in clips} == {22_050}  # the model's rate is 16,000
+    inputs = [{"key": f"test[{i}]", "task": "seen_digit", "image": str(p)} for i, p in enumerate(images)]
+    inputs += [{"key": f"test[{i}]", "task": "heard_digit", "audio": str(p)} for i, p in enumerate(clips)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in inputs))
+    ok(run_cli(["export", "--from", run, "--out", tmp_path / "export"], data_dir))
+    for source in (run, tmp_path / "export"):
+        out = tmp_path / f"{source.name}.jsonl"
+        ok(run_cli(["predict", source, "--input", tmp_path / "in.jsonl", "--out", out], data_dir))
+        answers = {(r["task"], r["key"]): r["output"] for r in map(json.loads, out.open())}
+        assert answers == scored and len(answers) == 8
+        res = ok(run_cli(["predict", source, "--task", "heard_digit", "--audio", clips[1]], data_dir))
+        assert res.stdout.strip() == scored["heard_digit", "test[1]"]
+        model = pathways_mm.load(source, "cpu")
+        assert model.generate("seen_digit", image=images[2]) == scored["seen_digit", "test[2]"]
+        samples, rate = soundfile.read(clips[3], dtype="float32")
+        assert model.generate("heard_digit", audio=(samples, rate)) == scored["heard_digit", "test[3]"]
+
+
+def readme_walkthrough() -> list[list[str]]:
+    """The commands of the README's own-data walkthrough (its first code block), as argument lists."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Training on your own data\n") :]
+    block = section.split("```\n", 2)[1]
+    prefix = ".venv/bin/pathways-mm "
+    return [shlex.split(line[len(prefix) :].split("  #")[0]) for line in block.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.slow
+def test_the_readme_walkthrough_trains_a_sparse_model_and_predicts_on_its_files(data_dir, tmp_path):
+    """The README's own-data commands, word for word in a new folder (training shortened)."""
+    commands = readme_walkthrough()
+    assert [c[0] for c in commands] == ["data", "data", "train", "eval", "predict", "predict"]
+    for args in commands:
+        if args[0] == "train":
+            args = [*args, *sets("train.steps=20", "train.log_every=5", "eval.max_samples=4")]
+        res = ok(run_cli(args, data_dir, cwd=tmp_path))
+        if args[0] == "train":
+            total, active = map(float, re.search(r"([\d.]+)M params \(([\d.]+)M active\)", res.stderr).groups())
+            assert active < total  # sparse: a token meets fewer parameters than the model holds
+        if args[0] == "predict":  # one answer line (after 20 steps it may well be empty)
+            assert res.stdout.count("\n") == 1, res.stdout + res.stderr[-2000:]
+    cfg = load_config(tmp_path / "my_data" / "experiment.yaml")
+    assert cfg.model.moe.num_experts > 0 and cfg.model.moe.mi_coef > 0  # the sparse model with pathways
+    rate = soundfile.info(str(tmp_path / "my_data" / "audio" / "test-0000.wav")).samplerate
+    assert rate != cfg.model.audio.sample_rate  # predict resampled a clip, as training does
