@@ -543,7 +543,9 @@ def _add_bench(sub) -> None:
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json, .md and .log")
     g.add_argument("--dry-run", action="store_true", help="tiny configs even on a GPU (default: only without CUDA)")
     g.add_argument("--budget-s", type=float, help="the check ends within this many seconds (default: 450 on a GPU)")
-    g.add_argument("--parts", default="pytest,moe,train,demo", help="comma-separated subset (a rerun of what failed)")
+    g.add_argument(
+        "--parts", default="pytest,moe,train,demo,pipeline", help="comma-separated subset (a rerun of what failed)"
+    )
     g.add_argument("--demo-config", default="configs/experiments/demo.yaml", help="experiment of the training run")
     g.set_defaults(func=cmd_bench_gpu_check)
     y = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")

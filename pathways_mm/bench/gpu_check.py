@@ -57,6 +57,7 @@ class Sizes:
     cpu_steps: int
     eval_samples: int
     ds_config: str
+    pipeline_args: tuple[str, ...]
     timeouts: dict[str, int]
 
 
@@ -70,7 +71,17 @@ GPU = Sizes(
     cpu_steps=20,
     eval_samples=50,
     ds_config="configs/ds/gpu_bf16.json",
-    timeouts={"pytest": 240, "moe": 120, "train": 240, "plan": 60, "data": 300, "demo": 300, "cpu": 180},
+    pipeline_args=("--workers", "2", "--batches", "5", "--steps", "40"),
+    timeouts={
+        "pytest": 240,
+        "moe": 120,
+        "train": 240,
+        "plan": 60,
+        "data": 300,
+        "demo": 300,
+        "cpu": 180,
+        "pipeline": 150,
+    },
 )
 DRY = Sizes(
     moe_configs=("cpu",),
@@ -82,8 +93,18 @@ DRY = Sizes(
     cpu_steps=4,
     eval_samples=1,
     ds_config="configs/ds/cpu.json",
+    pipeline_args=("--workers", "1", "--batches", "2", "--steps", "2"),
     # A dry run proves the parts work; a shared CPU may take minutes (DeepSpeed's op build waits for a lock).
-    timeouts={"pytest": 600, "moe": 600, "train": 600, "plan": 120, "data": 900, "demo": 900, "cpu": 900},
+    timeouts={
+        "pytest": 600,
+        "moe": 600,
+        "train": 600,
+        "plan": 120,
+        "data": 900,
+        "demo": 900,
+        "cpu": 900,
+        "pipeline": 900,
+    },
 )
 
 
@@ -268,7 +289,20 @@ def _step_time(metrics: Path) -> dict[str, Any]:
     return out
 
 
-PARTS = ("pytest", "moe", "train", "demo")
+def _pipeline(c: Check) -> dict[str, Any]:
+    """`bench data` on the demo's config: a step fed by DataLoader workers vs the same step on
+    batches made beforehand (on a GPU the step is short, so the input pipeline shows most there)."""
+    ds = Path(c.sizes.ds_config).resolve()
+    args = ["bench", "data", "--config", c.demo_config, *c.sizes.pipeline_args, "--set", f"train.ds_config={ds}"]
+    part = c.cli("bench data", args, "pipeline")
+    found = re.search(r"^fed by the DataLoader\s+([\d.]+).*\npre-made batches\s+([\d.]+)", c.output, re.M)
+    if part["status"] == "ok" and found:
+        live, premade = map(float, found.groups())
+        part.update(live_ms=live, premade_ms=premade, ratio=round(live / premade, 3))
+    return part
+
+
+PARTS = ("pytest", "moe", "train", "demo", "pipeline")
 
 
 def run_gpu_check(
@@ -296,13 +330,16 @@ def run_gpu_check(
     atomic_write_text(c.log, "")
     r = c.results
     r["env"] = environment()
-    data = _start_data_build(c) if "demo" in parts else None
+    data = _start_data_build(c) if {"demo", "pipeline"} & set(parts) else None
     for part, run in (("pytest", _pytest), ("moe", _moe), ("train", _train_bench)):
         if part in parts:
             r[part] = run(c)
     if data is not None:
         r["data"] = _wait_data_build(c, *data)
-        r["demo"] = _demo(c)
+        if "demo" in parts:
+            r["demo"] = _demo(c)
+    if "pipeline" in parts:  # last: on a GPU it is what the budget leaves out first
+        r["pipeline"] = _pipeline(c)
     r["seconds"] = round(budget_s - (c.deadline - time.monotonic()), 1)
     atomic_write_text(out_dir / "gpu_check.json", json.dumps(r, indent=1))
     md = markdown(r)
@@ -337,6 +374,7 @@ def _wait_data_build(c: Check, proc: subprocess.Popen, log: Any) -> dict[str, An
 def failed_parts(r: dict[str, Any]) -> list[str]:
     """The parts of a check whose status is not ok."""
     parts = {"pytest -m gpu": r.get("pytest"), "data build": r.get("data"), "bench train": r.get("train")}
+    parts["bench data"] = r.get("pipeline")
     parts.update({f"bench moe {k}": v for k, v in r.get("moe", {}).items()})
     parts.update({f"demo on the {k}": v for k, v in r.get("demo", {}).items()})
     return [name for name, part in parts.items() if part is not None and part["status"] != "ok"]
@@ -367,7 +405,20 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [*_train_table(r["train"], dry), ""]
     if "demo" in r:
         lines += _demo_lines(r["demo"], r["data"], dry)
+    if "pipeline" in r:
+        lines += ["", *_pipeline_lines(r["pipeline"])]
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_lines(p: dict[str, Any]) -> list[str]:
+    lines = ["## `bench data`: a demo step fed by DataLoader workers vs on pre-made batches", ""]
+    if "ratio" not in p:
+        return [*lines, p["status"]]
+    verdict = "met" if p["ratio"] <= 1.05 else "NOT met"
+    return [
+        *lines,
+        f"{p['live_ms']:.1f} ms vs {p['premade_ms']:.1f} ms: ratio {p['ratio']:.3f} (target <= 1.05: {verdict})",
+    ]
 
 
 def _moe_table(moe: dict[str, Any], dry: bool) -> list[str]:

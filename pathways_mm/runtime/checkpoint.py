@@ -313,7 +313,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], kee
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"pmm_meta": meta, "step": step}, save_latest=False)
         if rank == 0:
-            atomic_write_text(tag_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+            atomic_write_text(
+                tag_dir / META_FILE, json.dumps(meta, indent=2)
+            )  # key order kept: a declared task's inputs are ordered
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         raise _write_failed(tag_dir, e) from e
     faults.maybe_die("kill_during_save", step, rank)

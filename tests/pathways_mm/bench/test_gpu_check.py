@@ -23,6 +23,7 @@ def test_dry_run_runs_every_part_on_tiny_configs(tmp_path, data_dir):
     assert 0 < r["train"]["planned_gib"]["dense"] < r["train"]["planned_gib"]["moe"]
     demo = r["demo"]["cpu"]
     assert demo["ms_per_step"] > 0 and set(demo["eval"]) == {"text_lm", "text_arith"}
+    assert r["pipeline"]["ratio"] > 0 and r["pipeline"]["live_ms"] > 0  # bench data: workers vs pre-made
     md = (out / "gpu_check.md").read_text()
     assert md in res.stdout and "| cpu | PathwaysMoE grouped (dropless) |" in md
 

@@ -15,6 +15,7 @@ import soundfile
 
 import pathways_mm
 from pathways_mm.config import DataConfig, load_config
+from pathways_mm.tasks import registry
 from pathways_mm.training.bad_samples import clearly_over, judge_after
 from tests.helpers import ROOT, deepspeed_launch, read_metrics, run_cli, sets
 
@@ -190,12 +191,16 @@ def test_two_processes_with_workers_count_bad_samples_over_both_ranks(broken, da
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_declared_tasks_answers_them(examples, data_dir, tmp_path):
+def test_a_model_trained_on_declared_tasks_answers_them(examples, data_dir, tmp_path, monkeypatch):
     """predict (one input and --input) and pathways_mm.load answer declared tasks, from the run and
     from its export, exactly as `eval --predictions` scored the same samples; audio at 22,050 Hz."""
+    registry.ensure_loaded()  # before the copy: loaded into it, the built-ins would be gone after the test
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # load() declares the run's tasks
     run = tmp_path / "run"
     two = sets("tasks=[seen_digit, heard_digit]", "train.steps=4", f"train.out_dir={run}")
     ok(run_cli(["train", examples / "experiment.yaml", *QUICK, *MOE, *two], data_dir))
+    meta = json.loads((run / "checkpoints" / "step_0000004" / "pmm_meta.json").read_text())
+    assert list(meta["config"]["declare"]["same_digit"]["inputs"]) == ["png", "flac"]  # the segments' order
     ok(run_cli(["eval", run, "--max-samples", "4", "--predictions", tmp_path / "p.jsonl"], data_dir))
     scored = {(p["task"], p["key"]): p["output"] for p in map(json.loads, (tmp_path / "p.jsonl").open())}
     images = [examples / json.loads(line)["image"] for line in (examples / "test.jsonl").open()]

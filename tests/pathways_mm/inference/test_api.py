@@ -6,7 +6,7 @@ import torch
 
 from pathways_mm.config import ExperimentConfig, ModelConfig, MoEConfig
 from pathways_mm.data.collate import collate, prompt_only
-from pathways_mm.encoders.audio import Audio
+from pathways_mm.encoders.audio import Audio, at_rate
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.inference.api import Generation, TrainedModel, pick_device
@@ -50,6 +50,14 @@ def test_generate_decodes_what_evaluation_decodes(model, tmp_path):
     assert model.generate("text_arith", text="what is two plus two?", max_new_tokens=steps) == want
 
 
+def test_a_clip_at_another_rate_is_resampled_as_training_resamples_files(model):
+    clip_8k = Audio(CLIP.samples[::2], 8000)
+    resampled = at_rate(clip_8k, CFG.model.audio.sample_rate)
+    assert resampled.sample_rate == 16000 and len(resampled.samples) == 2 * len(clip_8k.samples)
+    asked = model.generate("digit_speech", audio=(clip_8k.samples, 8000), max_new_tokens=4)
+    assert asked == model.generate("digit_speech", audio=resampled, max_new_tokens=4)
+
+
 def test_a_batch_answers_each_input_in_order(model):
     items = [{"image": d} for d in DIGITS]
     out = model.generate_batch("digit_image", items, max_new_tokens=3, batch_size=2)
@@ -78,7 +86,7 @@ def test_experts_are_given_per_position_and_block(model):
         ("digit_image", {"audio": CLIP}, "reads image, not audio"),
         ("digit_image", {}, "needs --image"),
         ("image_speech_sum", {"image": DIGITS[0]}, "needs --audio"),
-        ("digit_speech", {"audio": Audio(CLIP.samples[::2], 8000)}, "8000 Hz"),
+        ("digit_speech", {"audio": Audio(CLIP.samples, 0)}, "sample rate must be >= 1"),
         ("digit_image", {"image": np.zeros((2, 2), np.uint8)}, "too small"),
     ],
 )
