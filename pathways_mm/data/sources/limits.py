@@ -24,22 +24,23 @@ def check_bytes(size: int, name: str, rules: MediaRules) -> None:
         raise BadSample(f"{name}: {size} bytes of media; data.max_media_bytes allows {rules.max_bytes}")
 
 
-def open_image(src: Any) -> Image.Image:
-    """`Image.open`: the header only. Pillow warns past its own MAX_IMAGE_PIXELS (89 million);
-    `check_pixels` applies data.max_image_pixels instead, so the warning is silenced (Pillow still
-    refuses twice its limit, the top of data.max_image_pixels' range)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(src)
-
-
-def check_pixels(img: Image.Image, name: str, rules: MediaRules) -> None:
-    """An image whose header says `img.size`, before its pixels are decoded."""
+def open_image(src: Any, name: str, rules: MediaRules) -> Image.Image:
+    """`Image.open` (the header only), refused past data.max_image_pixels before any pixel is
+    decoded. Pillow warns past its own MAX_IMAGE_PIXELS (89 million) and refuses twice that (the
+    top of data.max_image_pixels' range): the warning is silenced, our limit decides."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(src)
+    except Image.DecompressionBombError as e:
+        raise BadSample(f"{name}: an image past data.max_image_pixels ({rules.max_image_pixels}): {e}") from None
     width, height = img.size
     if width * height > rules.max_image_pixels:
+        img.close()
         raise BadSample(
             f"{name}: an image of {width} x {height} pixels; data.max_image_pixels allows {rules.max_image_pixels}"
         )
+    return img
 
 
 def check_audio_header(src: Any, name: str, rules: MediaRules) -> None:

@@ -17,7 +17,7 @@ import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
 from pathways_mm.data.sources.base import BadSample, Row
-from pathways_mm.data.sources.limits import check_audio_header, check_bytes, check_pixels, open_image
+from pathways_mm.data.sources.limits import check_audio_header, check_bytes, open_image
 from pathways_mm.data.sources.paths import media_path
 from pathways_mm.encoders.audio import Audio
 
@@ -44,8 +44,7 @@ def decode_image(row: Row, field: str) -> np.ndarray:
     """uint8 [H, W] grayscale (colour is converted with Pillow's luminance weights)."""
     src, name = _file(row, field, "image")
     try:
-        with open_image(src) as img:
-            check_pixels(img, name, row.rules)
+        with open_image(src, name, row.rules) as img:
             return np.asarray(img.convert("L"))
     except BadSample:
         raise
