@@ -191,6 +191,17 @@ class DataConfig:
     # (training/bad_samples.py).
     on_bad_sample: str = "error"
     max_bad_fraction: float = 0.01
+    # Declared tasks' media (docs/failure.md). A path in the data must resolve, symlinks followed,
+    # inside its manifest's (or dataset's, or shards') folder or one of these folders (relative to
+    # the experiment file; only the user's config sets them, never a checkpoint); else it is a bad
+    # sample, refused before any byte of it is read.
+    media_roots: tuple[str, ...] = ()
+    # Larger media are bad samples, refused from the file's size or header before decoding (a clip
+    # longer than model.audio.max_seconds too). Bytes: a media file, shard member or manifest row,
+    # and an audio clip's decoded float32 samples.
+    max_media_bytes: int = 64 << 20
+    max_image_pixels: int = 1 << 25  # width x height: 8192 x 4096, a 33-megapixel photo
+    max_audio_channels: int = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,7 +424,7 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 # runs (plugins) and where this machine keeps things (the data root, the DeepSpeed JSON and the
 # folder relative paths start from). A checkpoint from elsewhere names paths and modules of the
 # machine it was trained on; `from_checkpoint` drops them, so the defaults or the user's apply.
-USER_ONLY_KEYS = ("plugins", "source", "data.root", "train.ds_config")
+USER_ONLY_KEYS = ("plugins", "source", "data.root", "data.media_roots", "train.ds_config")
 
 
 def from_checkpoint(stored: dict[str, Any]) -> dict[str, Any]:
@@ -458,13 +469,17 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] | dict[str, An
         raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     # a declared source is relative to the file that names it (--set paths: to the working directory)
-    data = merge_dicts(_absolute_sources(data, p.resolve().parent), _absolute_sources(extra, Path.cwd()))
+    data = merge_dicts(_absolute_paths(data, p.resolve().parent), _absolute_paths(extra, Path.cwd()))
     return config_from_dict(data, source=str(p.resolve()))
 
 
-def _absolute_sources(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """`data` with each `declare.TASK.splits.SPLIT.path` made absolute against `base` (malformed
-    entries are left for the type checks to report)."""
+def _absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """`data` with each `declare.TASK.splits.SPLIT.path` and `data.media_roots` entry made absolute
+    against `base` (malformed entries are left for the type checks to report)."""
+    section = data.get("data")
+    if isinstance(section, dict) and isinstance(section.get("media_roots"), list):
+        roots = [str(base / Path(r).expanduser()) if isinstance(r, str) and r else r for r in section["media_roots"]]
+        data = {**data, "data": {**section, "media_roots": roots}}
     declare = data.get("declare")
     if not isinstance(declare, dict):
         return data
@@ -495,6 +510,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "data.num_workers": (0, 1024),
     "data.prefetch_factor": (1, 1024),
     "data.max_bad_fraction": (0, 1),
+    "data.max_media_bytes": (1, 1 << 40),
+    # Pillow refuses images past twice its own MAX_IMAGE_PIXELS (DecompressionBombError) whatever we allow
+    "data.max_image_pixels": (1, 178_956_970),
+    "data.max_audio_channels": (1, 1024),
     "model.d_model": (1, 65_536),
     "model.n_layers": (1, 1024),
     "model.n_heads": (1, 1024),
@@ -712,6 +731,8 @@ def _validate_data(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.on_bad_sample: {shorten(d.on_bad_sample)} is not 'error' or 'skip'")
     if not 0 <= d.max_bad_fraction < 1:
         raise ConfigError(f"data.max_bad_fraction must be within [0, 1), got {d.max_bad_fraction}")
+    if not all(d.media_roots):
+        raise ConfigError("data.media_roots: name folders (an empty entry would mean the working directory)")
     for name, spec in cfg.declare.items():
         where = f"declare.{name}"
         if not name.isidentifier():

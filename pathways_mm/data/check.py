@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pathways_mm.config import ExperimentConfig, data_root
 from pathways_mm.data.collate import collate
 from pathways_mm.data.datasets import encode, load_split
-from pathways_mm.data.taskset import resolve_tasks
+from pathways_mm.data.taskset import resolve_tasks, whole_targets
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.tasks import Task
@@ -31,8 +31,9 @@ class Bad(NamedTuple):
 class _Checks(Dataset):
     """Sample i -> None if training could use it, else what is wrong with it."""
 
-    def __init__(self, task: Task, samples: Sequence[Any], cfg: ExperimentConfig, tok: TextTokenizer):
-        self.task, self.samples, self.cfg, self.tok = task, samples, cfg, tok
+    def __init__(self, task: Task, split: str, samples: Sequence[Any], cfg: ExperimentConfig, tok: TextTokenizer):
+        self.task, self.split, self.samples, self.cfg, self.tok = task, split, samples, cfg, tok
+        self.whole = whole_targets([task])
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -40,8 +41,9 @@ class _Checks(Dataset):
     def __getitem__(self, i: int) -> str | None:
         try:
             sample = self.samples[i]
-            ex = encode(self.task, sample)
-            collate([ex], [0], self.tok, self.cfg.data.max_len, model_cfg=self.cfg.model, keys=[sample])
+            ex = encode(self.task, sample, f"{self.split}[{i}]")
+            cfg = self.cfg
+            collate([ex], [0], self.tok, cfg.data.max_len, model_cfg=cfg.model, keys=[sample], whole_targets=self.whole)
         except ConfigError as e:
             return str(e)
         return None
@@ -70,7 +72,7 @@ def check_data(cfg: ExperimentConfig, num_workers: int | None = None) -> list[Ba
                 bad.append(Bad(task.name, split, damage))
                 print(f"bad: {task.name} {split}: {damage}")
             loader = DataLoader(
-                _Checks(task, samples, cfg, tok), batch_size=None, num_workers=workers, collate_fn=_as_is
+                _Checks(task, split, samples, cfg, tok), batch_size=None, num_workers=workers, collate_fn=_as_is
             )
             before = len(bad)
             total += len(samples)

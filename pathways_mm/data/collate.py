@@ -12,7 +12,7 @@ Shape suffixes: B rows, L positions, Lp prefix positions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,8 +133,10 @@ def _lay_out(
     rng: np.random.Generator | None,
     media: _Media,
     where: str,
+    whole_target: bool = False,
 ) -> _Row:
-    """One example as a row: the task slot, its segments, then the target (cut to fit) and eos."""
+    """One example as a row: the task slot, its segments, then the target (cut to fit, or with
+    `whole_target` a ConfigError if it does not) and eos."""
     row = _Row([tokenizer.bos_id], [TEXT], [-1])  # slot 0 is replaced by the task embedding
     try:
         _lay_out_segments(ex, b, row, tokenizer, mcfg, rng, media)
@@ -149,7 +151,13 @@ def _lay_out(
         target = tokenizer.encode(_text(ex.target_text, "the target")) if with_target else []
     except MediaError as e:
         raise ConfigError(f"task '{ex.task}', {where}: {e}") from None
-    target = target[: max_len - len(row.tokens) - 1]
+    room = max_len - len(row.tokens) - 1
+    if whole_target and len(target) > room:
+        raise ConfigError(
+            f"task '{ex.task}', {where}: a target of {len(target)} tokens does not fit data.max_len={max_len} after "
+            f"its input of {len(row.tokens)} positions (cut, it could never be matched); shorten it or raise data.max_len"
+        )
+    target = target[:room]
     row.prefix_len = len(row.tokens)
     row.target_bytes = len(tokenizer.decode_bytes(target))
     row.extend(target + ([tokenizer.eos_id] if with_target else []), TEXT)
@@ -191,8 +199,10 @@ def collate(
     rng: np.random.Generator | None = None,
     keys: Sequence[Any] | None = None,
     on_bad: Callable[[int, ConfigError], None] | None = None,
+    whole_targets: Container[str] = (),
 ) -> Batch:
-    """Tokenise, prepare media, lay out rows, pad right. Targets are cut to fit `max_len`.
+    """Tokenise, prepare media, lay out rows, pad right. Targets are cut to fit `max_len`, except
+    those of the tasks named in `whole_targets`: there a target that does not fit is a bad sample.
 
     `rng` (training only) draws the augmentation; `keys` name the samples in error messages
     (str() of each, taken only for a message). A sample that cannot be laid out (bad media, too
@@ -206,7 +216,8 @@ def collate(
         where = keys[b] if keys is not None else f"sample {b} of the batch"
         mark = media.mark()
         try:
-            rows.append(_lay_out(ex, len(rows), tokenizer, max_len, with_target, mcfg, rng, media, where))
+            whole = ex.task in whole_targets
+            rows.append(_lay_out(ex, len(rows), tokenizer, max_len, with_target, mcfg, rng, media, where, whole))
         except ConfigError as e:
             if on_bad is None:
                 raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,43 @@ def _record(data: bytes, num_samples: int) -> dict[str, Any]:
     return {"format": 1, "samples": num_samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _plugin_error(e: Exception) -> str:
+    """A task's own exception as a few words of one line ("RuntimeError: boom")."""
+    try:
+        text = " ".join(str(e).split())
+    except Exception:  # an exception whose __str__ raises too
+        text = ""
+    return f"{type(e).__name__}: {clip(text, 120)}" if text else type(e).__name__
+
+
+def _tracebacks() -> bool:
+    """PMM_TRACEBACK=1: a task's own exception propagates as it is, with its traceback."""
+    return bool(os.environ.get("PMM_TRACEBACK"))
+
+
+def _build_samples(task: Task, split: str, root: Path, seed: int) -> list[Any]:
+    """`task.build_dataset(...)` as a list; an exception of the task's code is one line naming the
+    task, the split and how many samples came before it."""
+    samples: list[Any] = []
+    try:
+        for sample in task.build_dataset(split, Path(root), seed):
+            samples.append(sample)
+    except ConfigError:
+        raise
+    except Exception as e:
+        if _tracebacks():
+            raise
+        raise ConfigError(
+            f"task '{task.name}': build_dataset('{split}') failed at {split}[{len(samples)}] ({_plugin_error(e)}); "
+            "PMM_TRACEBACK=1 shows where"
+        ) from None
+    return samples
+
+
 def _build(task: Task, split: str, root: Path, seed: int) -> tuple[list[Any], bytes]:
     """The split's samples and their cache bytes; a sample that is not JSON names the task and
     sample (it would otherwise fail mid-run, far from its cause)."""
-    samples = list(task.build_dataset(split, Path(root), seed))
+    samples = _build_samples(task, split, root, seed)
     lines = []
     for i, sample in enumerate(samples):
         try:
@@ -115,22 +149,26 @@ def _read_cache(path: Path) -> list[Any]:
     return samples
 
 
-def encode(task: Task, sample: Any) -> MultimodalExample:
-    """`task.encode(sample)`, with a malformed sample reported as a ConfigError naming the task."""
+def encode(task: Task, sample: Any, where: str | None = None) -> MultimodalExample:
+    """`task.encode(sample)`; a malformed sample, or any exception of the task's code, is a
+    ConfigError of one line naming the task and `where` (the split and index: "train[17]")."""
     try:
         ex = task.encode(sample)
     except ConfigError:  # a bad sample (BadSample) names its file already
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except Exception as e:
+        if _tracebacks():
+            raise
+        at = f", {where}" if where else ""
         raise ConfigError(
-            f"task '{task.name}': cannot encode sample {shorten(sample)} ({type(e).__name__}: {clip(str(e), 120)}); "
-            f"if it came from the dataset cache under {task.name}/, delete that file to rebuild it"
+            f"task '{task.name}'{at}: cannot encode sample {shorten(sample)} ({_plugin_error(e)}; PMM_TRACEBACK=1 "
+            f"shows where); if it came from the dataset cache under {task.name}/, delete that file to rebuild it"
         ) from None
-    _check_example(ex, task.name)
+    _check_example(ex, task.name, where)
     return ex
 
 
-def _check_example(ex: Any, where: str) -> None:
+def _check_example(ex: Any, name: str, where: str | None) -> None:
     ok = (
         isinstance(ex, MultimodalExample)
         and isinstance(ex.target_text, str)
@@ -138,7 +176,8 @@ def _check_example(ex: Any, where: str) -> None:
         and all(isinstance(seg, (tuple, list)) and len(seg) == 2 and isinstance(seg[0], str) for seg in ex.segments)
     )
     if not ok:
+        at = f", {where}" if where else ""
         raise ConfigError(
-            f"task '{where}': encode must return MultimodalExample(segments=((modality, raw), ...), target_text=str), "
+            f"task '{name}'{at}: encode must return MultimodalExample(segments=((modality, raw), ...), target_text=str), "
             f"got {shorten(ex)}"
         )

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pathways_mm.config import DeclaredTaskConfig, ExperimentConfig, SourceConfig
-from pathways_mm.data.sources import BadSample, Row, Source, open_source, source_format
+from pathways_mm.data.sources import BadSample, MediaRules, Row, Source, open_source, source_format
+from pathways_mm.data.sources.base import DEFAULT_RULES
 from pathways_mm.data.sources.media import decode_audio, decode_image
 from pathways_mm.errors import ConfigError
 from pathways_mm.tasks.base import GenerationConfig, MultimodalExample, Task
@@ -41,6 +42,7 @@ class DeclaredTask(Task):
     declared: ClassVar[bool] = True
     spec: ClassVar[DeclaredTaskConfig]
     sample_rate: ClassVar[int]  # the model's: audio fields are resampled to it
+    rules: ClassVar[MediaRules]  # where media files may be, how large media may be (the config's)
     _sources: ClassVar[dict[tuple[str, str], Source]]  # (split, data root) -> the open source
 
     @property
@@ -51,7 +53,7 @@ class DeclaredTask(Task):
         """The split's source, opened (its index built or read) once per process."""
         key = (split, str(root))
         if key not in self._sources:
-            self._sources[key] = open_source(self.spec.splits[split], self.fields, split, Path(root))
+            self._sources[key] = open_source(self.spec.splits[split], self.fields, split, Path(root), self.rules)
         return self._sources[key]
 
     def build_dataset(self, split: str, root: Path, seed: int) -> Source:
@@ -87,7 +89,7 @@ class DeclaredTask(Task):
             return None
 
     def __reduce__(self):  # DataLoader workers started with spawn rebuild the class from its declaration
-        return (_instance, (self.name, self.spec, self.sample_rate))
+        return (_instance, (self.name, self.spec, self.sample_rate, self.rules))
 
 
 def text_field(row: Row, field: str) -> str:
@@ -103,13 +105,16 @@ def text_field(row: Row, field: str) -> str:
     return str(value).strip()
 
 
-def declared_class(name: str, spec: DeclaredTaskConfig, sample_rate: int) -> type[DeclaredTask]:
+def declared_class(
+    name: str, spec: DeclaredTaskConfig, sample_rate: int, rules: MediaRules = DEFAULT_RULES
+) -> type[DeclaredTask]:
     modalities = tuple(dict.fromkeys(spec.inputs.values())) or ("text",)
     inputs = ", ".join(f"{f}:{m}" for f, m in spec.inputs.items())
     attrs = {
         "name": name,
         "spec": spec,
         "sample_rate": sample_rate,
+        "rules": rules,
         "modalities": modalities,
         "metrics": tuple(spec.metrics),
         "splits": tuple(spec.splits),
@@ -121,24 +126,24 @@ def declared_class(name: str, spec: DeclaredTaskConfig, sample_rate: int) -> typ
     return type(f"Declared_{name}", (DeclaredTask,), attrs)
 
 
-def _instance(name: str, spec: DeclaredTaskConfig, sample_rate: int) -> DeclaredTask:
-    return declared_class(name, spec, sample_rate)()
+def _instance(name: str, spec: DeclaredTaskConfig, sample_rate: int, rules: MediaRules) -> DeclaredTask:
+    return declared_class(name, spec, sample_rate, rules)()
 
 
 def declare_tasks(cfg: ExperimentConfig) -> None:
     """Register the tasks `cfg` declares (again only if a declaration changed)."""
     registered = {info.name: info for info in list_tasks()}
-    rate = cfg.model.audio.sample_rate
+    rate, rules = cfg.model.audio.sample_rate, MediaRules.from_config(cfg)
     for name, spec in cfg.declare.items():
         old = registered.get(name)
         if (
             old is not None
             and getattr(old.cls, "declared", False)
-            and (old.cls.spec, old.cls.sample_rate) == (spec, rate)
+            and (old.cls.spec, old.cls.sample_rate, old.cls.rules) == (spec, rate, rules)
         ):
             continue
         where = f"declared in {cfg.source}" if cfg.source else "declared in a checkpoint's config"
-        register_declared(declared_class(name, spec, rate), f"{where} ({describe(spec.splits['train'])})")
+        register_declared(declared_class(name, spec, rate, rules), f"{where} ({describe(spec.splits['train'])})")
 
 
 def describe(src: SourceConfig) -> str:

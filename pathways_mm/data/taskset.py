@@ -96,7 +96,7 @@ def load_batch(
     for t, i in picks:
         try:
             sample = ts.train[t][i]
-            examples.append(encode(ts.tasks[t], sample))
+            examples.append(encode(ts.tasks[t], sample, f"train[{i}]"))
         except ConfigError as e:  # a bad sample: BadSample from a source, or an encode error
             if not skip:
                 return LoadedBatch(step, micro, None, len(picks), error=str(e))
@@ -109,13 +109,27 @@ def load_batch(
     on_bad = (lambda b, e: bad.append((task_ids[b], str(e)))) if skip else None
     try:
         batch = collate(
-            examples, task_ids, tok, cfg.data.max_len, model_cfg=cfg.model, rng=rng, keys=keys, on_bad=on_bad
+            examples,
+            task_ids,
+            tok,
+            cfg.data.max_len,
+            model_cfg=cfg.model,
+            rng=rng,
+            keys=keys,
+            on_bad=on_bad,
+            whole_targets=whole_targets(ts.tasks),
         )
     except ConfigError as e:
         where = f"step {step + 1}, micro-step {micro}, rank {rank}"
         msg = str(e) if not skip else f"every sample of the micro-batch at {where} was bad; the first: {bad[0][1]}"
         return LoadedBatch(step, micro, None, len(picks), bad, error=msg)
     return LoadedBatch(step, micro, batch, len(picks), bad)
+
+
+def whole_targets(tasks: Sequence[Task]) -> set[str]:
+    """The tasks whose targets are never cut to fit data.max_len: a declared task's row is one
+    answer, which exact match could never score cut (a built-in LM chunk is text to learn from)."""
+    return {t.name for t in tasks if getattr(t, "declared", False)}
 
 
 def train_batch(

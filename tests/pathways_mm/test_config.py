@@ -206,7 +206,9 @@ def test_echoed_values_are_cut_short(tmp_path):
 def test_a_checkpoint_never_sets_the_user_only_keys():
     stored = to_dict(ExperimentConfig(plugins=("evil",), source="/their/exp.yaml"))
     stored["data"]["root"], stored["train"]["ds_config"] = "/their/data", "/their/ds.json"
+    stored["data"]["media_roots"] = ["/"]  # would let their data's paths lead anywhere
     cfg = config_from_dict(from_checkpoint(stored))
     assert cfg.plugins == () and cfg.source is None and cfg.data.root is None and cfg.train.ds_config is None
+    assert cfg.data.media_roots == ()
     assert stored["plugins"] == ["evil"]  # the stored copy is left as it was
-    assert set(USER_ONLY_KEYS) == {"plugins", "source", "data.root", "train.ds_config"}
+    assert set(USER_ONLY_KEYS) == {"plugins", "source", "data.root", "data.media_roots", "train.ds_config"}

@@ -4,27 +4,38 @@ never another exception, a hang or a partial file. Seeded, a few hundred cases, 
 Covered: configs and YAML, numeric edge values of every ranged key and flag, fault specs, dataset
 caches (random bytes, every truncation, tampered records, media banks), samples, checkpoint
 metadata and manifests (tampered values and tampered JSON), routes files, output paths and the
-file-system errors of writing.
+file-system errors of writing; declared tasks' media paths (.., absolute, symlinks), media past
+their limits (image and audio headers), targets longer than data.max_len, and exceptions of a
+plugin's own code in encode and build_dataset.
 """
 
 import errno
+import io as stdio
 import json
 import os
 import random
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
+from PIL import Image
 
 from pathways_mm import io, routes_file
 from pathways_mm.config import RANGES, check_range, config_from_dict, load_config, parse_overrides, to_dict
 from pathways_mm.data.collate import collate
 from pathways_mm.data.datasets import encode, load_split, record_path, split_path
+from pathways_mm.data.sources import BadSample
+from pathways_mm.data.sources.base import DEFAULT_RULES, Row
+from pathways_mm.data.sources.media import decode_audio, decode_image
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.runtime import checkpoint as ckpt
 from pathways_mm.runtime import faults
 from pathways_mm.runtime.checkpoint import check_compatible
-from pathways_mm.tasks import Task, get_task
+from pathways_mm.tasks import MultimodalExample, Task, get_task
 from pathways_mm.tasks.digits import cached_bank
 from pathways_mm.viz import views
 from tests.helpers import BEFORE, DEBUG_CFG, make_doc, run_cli, sets
@@ -102,7 +113,7 @@ class Broken(Task):
 
 def test_dataset_cache_is_atomic_and_checked(tmp_path):
     task = Broken()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError, match=r"task 'broken_fuzz': build_dataset\('train'\) failed at train\[1\]"):
         load_split(task, "train", tmp_path, 0)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing half-built left behind
     lm = get_task("text_lm")
@@ -347,3 +358,166 @@ def test_routes_files(tmp_path):
         loaded = clean(routes_file.load, path)
         if loaded is not None:  # what the loader accepts, the drawing can use
             views.views(loaded)
+
+
+def _outside(real: str, folder: Path) -> bool:
+    return not (real == str(folder) or real.startswith(str(folder) + os.sep))
+
+
+def test_media_paths(tmp_path):
+    """Random paths in a media field: read only when they resolve inside the data folder; anything
+    else is one line saying so, never an attempt to decode a file outside it."""
+    data, outside = (tmp_path / "data").resolve(), (tmp_path / "outside").resolve()
+    for d in (data / "sub", outside):
+        d.mkdir(parents=True)
+    Image.new("L", (4, 4)).save(data / "ok.png")
+    Image.new("L", (4, 4)).save(outside / "x.png")
+    (data / "in.png").symlink_to("ok.png")
+    (data / "out.png").symlink_to(outside / "x.png")
+    (data / "dir").symlink_to(outside, target_is_directory=True)
+    (data / "loop").symlink_to("loop")
+    pieces = ["..", ".", "sub", "dir", "ok.png", "in.png", "out.png", "x.png", "loop", "etc", "passwd", "", "\x00", "~"]
+    rng = random.Random(11)
+    for _ in range(300):
+        value = ("/" if rng.random() < 0.2 else "") + "/".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+        row = Row({"image": value}, data, lambda: "m.jsonl line 7")
+        try:
+            decode_image(row, "image")
+            assert not _outside(os.path.realpath(data / value), data), value
+        except BadSample as e:
+            msg = str(e)
+            assert len(msg.splitlines()) == 1 and msg.startswith("m.jsonl line 7: ") or "\x00" in value, msg
+            if "\x00" not in value and _outside(os.path.realpath(data / value), data):
+                assert "leads outside the data folder" in msg, (value, msg)
+
+
+def _png_header(width: int, height: int, mode: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, mode, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 32)) + chunk(b"IEND", b"")
+
+
+def test_media_bombs(tmp_path):
+    """Image headers claiming up to 2^31 pixels a side and audio claiming many channels, seconds or a
+    wild rate: refused from the header in one line (past a limit, naming it), never decoded whole."""
+    rng = random.Random(12)
+    rules = DEFAULT_RULES
+    for _ in range(60):
+        w, h = (rng.choice([1, 28, 4096, 12_000, 65_535, 2**31 - 1]) for _ in range(2))
+        row = Row({"m": _png_header(w, h, rng.choice([0, 2, 4, 6]))}, tmp_path, lambda: "s.tar key k1", rules)
+        try:
+            decode_image(row, "m")
+        except BadSample as e:
+            assert len(str(e).splitlines()) == 1
+            assert (w * h > rules.max_image_pixels) == ("data.max_image_pixels" in str(e)), (w, h, str(e))
+    for _ in range(40):
+        channels, rate = rng.choice([1, 2, 17, 300]), rng.choice([8, 8000, 16_000, 192_000])
+        frames = rng.choice([1, 100, rate * 5])
+        buf = stdio.BytesIO()
+        soundfile.write(buf, np.zeros((min(frames, 4000), channels), np.float32), rate, format="WAV")
+        data = bytearray(buf.getvalue())
+        if rng.random() < 0.5:  # a header that lies about its data's length
+            at = data.index(b"data") + 4
+            data[at : at + 4] = struct.pack("<I", frames * channels * 2)
+        row = Row({"m": bytes(data)}, tmp_path, lambda: "s.tar key k2", rules)
+        try:
+            decode_audio(row, "m", 16_000)
+        except BadSample as e:
+            assert len(str(e).splitlines()) == 1 and str(e).startswith("s.tar key k2 field 'm': "), str(e)
+            if channels > rules.max_audio_channels:
+                assert "data.max_audio_channels" in str(e)
+
+
+def test_oversized_targets():
+    """Targets of any length for a task whose targets are never cut: laid out whole, or one line
+    naming data.max_len; never silently cut."""
+    rng, tok = random.Random(13), load_tokenizer()
+    for _ in range(60):
+        target = " ".join("w" * rng.randint(1, 9) for _ in range(rng.choice([1, 5, 40, 400, 20_000])))
+        max_len = rng.choice([8, 32, 96, 512])
+        ex = MultimodalExample("long", (("text", "q?"),), target)
+        batch = clean(collate, [ex], [0], tok, max_len, keys=["train[4]"], whole_targets={"long"})
+        if batch is not None:  # the whole target and eos are labels
+            assert int((batch.labels != -100).sum()) == len(tok.encode(target)) + 1
+        else:
+            with pytest.raises(ConfigError, match=r"task 'long', train\[4\]: .* does not fit data.max_len"):
+                collate([ex], [0], tok, max_len, keys=["train[4]"], whole_targets={"long"})
+
+
+class _Weird(Exception):
+    def __str__(self):
+        raise RuntimeError("even its message fails")
+
+
+PLUGIN_ERRORS = [
+    RuntimeError("codec\nmissing"),
+    KeyError("image"),
+    ZeroDivisionError(),
+    _Weird(),
+    OSError(5, "I/O error"),
+    RecursionError("deep"),
+    NotImplementedError(),
+    AssertionError("x" * 10_000),
+]
+
+
+class Raising(Task):
+    name, modalities, metrics = "raising_fuzz", ("text",), ("exact_match",)
+    error: Exception = RuntimeError()
+    at: int = 0
+
+    def build_dataset(self, split, root, seed):
+        for i in range(10):
+            if i == self.at:
+                raise self.error
+            yield {"i": i}
+
+    def encode(self, sample):
+        if sample["i"] == self.at:
+            raise self.error
+        return MultimodalExample(self.name, (("text", "q"),), str(sample["i"]))
+
+
+def test_plugin_exceptions_in_encode_and_build(tmp_path):
+    """Whatever a plugin's encode or build_dataset raises: one line naming the task, the split and
+    the sample index."""
+    rng = random.Random(14)
+    for k in range(40):
+        task = Raising()
+        task.error, task.at = rng.choice(PLUGIN_ERRORS), rng.randrange(10)
+        with pytest.raises(ConfigError) as e:
+            encode(task, {"i": task.at}, f"test[{task.at}]")
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and msg.startswith(f"task 'raising_fuzz', test[{task.at}]: "), msg
+        assert type(task.error).__name__ in msg and len(msg) < 1000
+        with pytest.raises(ConfigError) as e:
+            load_split(task, "train", tmp_path / str(k), 0)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and f"build_dataset('train') failed at train[{task.at}]" in msg, msg
+
+
+def test_cli_plugin_encode_exception_is_one_line(tmp_path, data_dir):
+    """`train` on a plugin whose encode raises: one error line naming task, split and sample, status 2."""
+    (tmp_path / "fuzz_plugin.py").write_text(
+        "from pathways_mm.tasks import MultimodalExample, Task, register_task\n"
+        "@register_task\n"
+        "class Flaky(Task):\n"
+        "    name, modalities, metrics = 'flaky_fuzz', ('text',), ('exact_match',)\n"
+        "    def build_dataset(self, split, root, seed):\n"
+        "        return [{'i': i} for i in range(8)]\n"
+        "    def encode(self, sample):\n"
+        "        raise RuntimeError('plugin bug')\n"
+    )
+    cfg = tmp_path / "flaky.yaml"
+    cfg.write_text(DEBUG_CFG.read_text().replace("[text_lm, text_arith]", "[flaky_fuzz]") + "plugins: [fuzz_plugin]\n")
+    res = run_cli(
+        ["train", cfg, *sets("train.steps=1", f"train.out_dir={tmp_path / 'run'}")],
+        data_dir,
+        timeout=180,
+        env_extra={"PYTHONPATH": str(tmp_path)},
+    )
+    errors = [line for line in res.stderr.splitlines() if line.startswith("pathways-mm: error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(errors) == 1 and "task 'flaky_fuzz', train[" in errors[0] and "RuntimeError: plugin bug" in errors[0]

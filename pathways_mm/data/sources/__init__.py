@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pathways_mm.config import SourceConfig
-from pathways_mm.data.sources.base import BadSample, Row, Source
+from pathways_mm.data.sources.base import DEFAULT_RULES, BadSample, MediaRules, Row, Source
 from pathways_mm.data.sources.manifest import CsvSource, JsonlSource
 from pathways_mm.errors import ConfigError
 
-__all__ = ["BadSample", "Row", "Source", "open_source", "source_format"]
+__all__ = ["BadSample", "MediaRules", "Row", "Source", "open_source", "source_format"]
 
 
 def source_format(src: SourceConfig) -> str:
@@ -38,18 +38,21 @@ def source_format(src: SourceConfig) -> str:
     )
 
 
-def open_source(src: SourceConfig, fields: Sequence[str], split: str, cache: Path) -> Source:
-    """One split's source, its index built (or read from `cache`, the data root)."""
+def open_source(
+    src: SourceConfig, fields: Sequence[str], split: str, cache: Path, rules: MediaRules = DEFAULT_RULES
+) -> Source:
+    """One split's source, its index built (or read from `cache`, the data root); its rows'
+    media follow `rules` (where files may be, how large media may be)."""
     fmt = source_format(src)
     path = Path(src.path)
     if fmt == "jsonl":
-        return JsonlSource(path, fields)
+        return JsonlSource(path, fields, rules)
     if fmt == "csv":
-        return CsvSource(path, fields, cache)
+        return CsvSource(path, fields, cache, rules)
     if fmt == "webdataset":
         from pathways_mm.data.sources.shards import ShardSource  # needs webdataset
 
-        return ShardSource(src.path, fields, cache)
+        return ShardSource(src.path, fields, cache, rules)
     from pathways_mm.data.sources.hf import HfSource  # needs datasets
 
-    return HfSource(path, fields, fmt, src.split or split, cache)
+    return HfSource(path, fields, fmt, src.split or split, cache, rules)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pathways_mm.config import ExperimentConfig
 from pathways_mm.errors import ConfigError
 from pathways_mm.tasks.digits import cached_bank
 
@@ -30,12 +31,38 @@ class BadSample(ConfigError):
 
 
 @dataclass(frozen=True)
+class MediaRules:
+    """Where a row's media files may be and how large its media may be (docs/failure.md)."""
+
+    roots: tuple[Path, ...]  # folders allowed besides the row's own (data.media_roots)
+    max_bytes: int  # a media file, shard member or manifest row; a clip's decoded samples
+    max_image_pixels: int
+    max_audio_seconds: float
+    max_audio_channels: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> MediaRules:
+        d = cfg.data
+        return cls(
+            roots=tuple(Path(r).expanduser() for r in d.media_roots),
+            max_bytes=d.max_media_bytes,
+            max_image_pixels=d.max_image_pixels,
+            max_audio_seconds=cfg.model.audio.max_seconds,
+            max_audio_channels=d.max_audio_channels,
+        )
+
+
+DEFAULT_RULES = MediaRules.from_config(ExperimentConfig())
+
+
+@dataclass(frozen=True)
 class Row:
     """One row of a source: field -> value (text, a path relative to `base`, or file bytes)."""
 
     fields: dict[str, Any]
-    base: Path  # what relative media paths are relative to
+    base: Path  # what relative media paths are relative to, and the folder they must stay in
     locate: Callable[[], str]  # where the row is, for messages: computed only when one is needed
+    rules: MediaRules = DEFAULT_RULES
 
     @property
     def where(self) -> str:
@@ -47,11 +74,12 @@ class Row:
 
 
 class Source(Sequence):
-    """One split read on demand; subclasses set `kind`, `path`, `fields` and implement `read`."""
+    """One split read on demand; subclasses set `kind`, `path`, `fields`, `rules` and implement `read`."""
 
     kind: str
     path: Path
     fields: tuple[str, ...]  # the fields the task reads (columns, keys, extensions)
+    rules: MediaRules = DEFAULT_RULES
 
     def read(self, i: int, fields: Sequence[str] | None = None) -> Row:
         """Row i with `fields` (default: all the task reads); BadSample if it cannot be read."""

@@ -15,24 +15,52 @@ from pathlib import Path
 import datasets
 from datasets import ClassLabel, DatasetDict
 
-from pathways_mm.data.sources.base import BadSample, Row, Source
+from pathways_mm.data.sources.base import DEFAULT_RULES, BadSample, MediaRules, Row, Source
+from pathways_mm.data.sources.paths import files_inside
 from pathways_mm.errors import ConfigError
+from pathways_mm.io import load_json
 
 
 def _row_where(path: Path, i: int) -> str:
     return f"{path} row {i}"
 
 
-def _open(path: Path, fmt: str, split: str, cache: Path) -> datasets.Dataset:
+def _saved_files(path: Path, roots: Sequence[Path]) -> None:
+    """Check that every file `load_from_disk` opens under `path` (as its JSON files name them: a
+    DatasetDict's split folders, each one's state, info and Arrow files) stays inside `path` or
+    `roots`, before any of them is read."""
+    what = "Hugging Face dataset file"
+    folders = [path]
+    index = path / "dataset_dict.json"
+    if index.is_file():
+        files_inside([index], path, roots, what)
+        splits = load_json(index, "Hugging Face dataset_dict.json")
+        names = splits.get("splits") if isinstance(splits, dict) else None
+        folders = [path / s for s in names if isinstance(s, str)] if isinstance(names, list) else []
+    for folder in folders:
+        state = folder / "state.json"
+        files_inside([folder, state, folder / "dataset_info.json"], path, roots, what)
+        if not state.is_file():
+            continue  # load_from_disk says what is missing
+        record = load_json(state, "Hugging Face state.json")
+        data = record.get("_data_files", []) if isinstance(record, dict) else []
+        names = [d.get("filename") for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+        files_inside([folder / n for n in names if isinstance(n, str)], path, roots, what)
+
+
+def _open(path: Path, fmt: str, split: str, cache: Path, roots: Sequence[Path]) -> datasets.Dataset:
     datasets.disable_progress_bars()
     try:
         if fmt == "parquet":
             files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
             if not files or not all(f.is_file() for f in files):
                 raise ConfigError(f"parquet files not found: {path}")
+            if path.is_dir():
+                files_inside(files, path, roots, "parquet file")
             return datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=str(cache / "hf"))
         if not path.is_dir():
             raise ConfigError(f"Hugging Face dataset folder not found: {path} (a folder written by save_to_disk)")
+        _saved_files(path, roots)
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as e:
         if isinstance(e, ConfigError):
@@ -48,9 +76,11 @@ def _open(path: Path, fmt: str, split: str, cache: Path) -> datasets.Dataset:
 class HfSource(Source):
     """One split of a Hugging Face dataset, read row by row from its memory-mapped Arrow files."""
 
-    def __init__(self, path: Path, fields: Sequence[str], fmt: str, split: str, cache: Path):
-        self.kind, self.path, self.fields = fmt, Path(path), tuple(fields)
-        ds = _open(self.path, fmt, split, Path(cache))
+    def __init__(
+        self, path: Path, fields: Sequence[str], fmt: str, split: str, cache: Path, rules: MediaRules = DEFAULT_RULES
+    ):
+        self.kind, self.path, self.fields, self.rules = fmt, Path(path), tuple(fields), rules
+        ds = _open(self.path, fmt, split, Path(cache), rules.roots)
         missing = [f for f in self.fields if f not in ds.column_names]
         if missing:
             raise ConfigError(f"{self.path}: no column {missing[0]!r} (columns: {ds.column_names})")
@@ -72,6 +102,5 @@ class HfSource(Source):
         for f in wanted:
             v = values[f]
             out[f] = self.labels[f].int2str(v) if f in self.labels and isinstance(v, int) and v >= 0 else v
-        return Row(
-            out, self.path if self.path.is_dir() else self.path.parent, functools.partial(_row_where, self.path, i)
-        )
+        base = self.path if self.path.is_dir() else self.path.parent
+        return Row(out, base, functools.partial(_row_where, self.path, i), self.rules)

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pathways_mm.data.sources.base import BadSample, PreadFile, Row, Source, cached_index, existing_file, file_stamp
+from pathways_mm.data.sources.base import (
+    DEFAULT_RULES,
+    BadSample,
+    MediaRules,
+    PreadFile,
+    Row,
+    Source,
+    cached_index,
+    existing_file,
+    file_stamp,
+)
 from pathways_mm.errors import ConfigError
 
 CHUNK = 1 << 20  # bytes scanned at a time while indexing (small: freed buffers stay resident)
@@ -76,9 +86,10 @@ class _Manifest(Source):
 
     starts: np.ndarray
 
-    def __init__(self, path: Path, fields: Sequence[str]):
+    def __init__(self, path: Path, fields: Sequence[str], rules: MediaRules = DEFAULT_RULES):
         self.path = existing_file(Path(path), f"{self.kind} manifest")
         self.fields = tuple(fields)
+        self.rules = rules
         self._file = PreadFile(self.path)
         self._line_of = _LineNumbers(self.path)
 
@@ -87,6 +98,10 @@ class _Manifest(Source):
 
     def _bytes(self, i: int) -> tuple[bytes, int]:
         start, end = int(self.starts[i]), int(self.starts[i + 1])
+        if end - start > self.rules.max_bytes:  # refused from the index, before it is read
+            raise BadSample(
+                f"{self._where(start)}: a row of {end - start} bytes; data.max_media_bytes allows {self.rules.max_bytes}"
+            )
         return self._file.read(start, end - start), start
 
     def _where(self, offset: int) -> str:
@@ -97,7 +112,9 @@ class _Manifest(Source):
         missing = [f for f in wanted if f not in values]
         if missing:
             raise BadSample(f"{self._where(offset)}: no field {missing[0]!r} (it has {sorted(values)})")
-        return Row({f: values[f] for f in wanted}, self.path.parent, functools.partial(self._line_of, offset))
+        return Row(
+            {f: values[f] for f in wanted}, self.path.parent, functools.partial(self._line_of, offset), self.rules
+        )
 
 
 class JsonlSource(_Manifest):
@@ -105,8 +122,8 @@ class JsonlSource(_Manifest):
 
     kind = "jsonl"
 
-    def __init__(self, path: Path, fields: Sequence[str]):
-        super().__init__(path, fields)
+    def __init__(self, path: Path, fields: Sequence[str], rules: MediaRules = DEFAULT_RULES):
+        super().__init__(path, fields, rules)
         self.starts = _line_starts(self.path)
         if len(self) == 0:
             raise ConfigError(f"{self.path}: the manifest has no rows")
@@ -153,8 +170,8 @@ class CsvSource(_Manifest):
 
     kind = "csv"
 
-    def __init__(self, path: Path, fields: Sequence[str], cache: Path):
-        super().__init__(path, fields)
+    def __init__(self, path: Path, fields: Sequence[str], cache: Path, rules: MediaRules = DEFAULT_RULES):
+        super().__init__(path, fields, rules)
         index = cached_index(cache, "csv", file_stamp([self.path]), ("starts",), lambda: _csv_index(self.path))
         starts = index["starts"]
         if len(starts) < 2:

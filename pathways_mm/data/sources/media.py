@@ -9,29 +9,33 @@ member), or a Hugging Face Image/Audio feature's stored {"bytes", "path"}.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pathways_mm.data.sources.base import BadSample, Row
+from pathways_mm.data.sources.limits import check_audio_header, check_bytes, open_image
+from pathways_mm.data.sources.paths import media_path
 from pathways_mm.encoders.audio import Audio, read_clip
 from pathways_mm.encoders.vision import MediaError
 
 
 def _file(row: Row, field: str, what: str) -> tuple[Any, str]:
-    """(a path or a binary stream, how to name it in a message) for a media field."""
+    """(a path or a binary stream, how to name it in a message) for a media field: a path only
+    inside the row's folder or data.media_roots (`paths.media_path`), no larger than data.max_media_bytes."""
     value = row.fields[field]
     if isinstance(value, dict) and ("bytes" in value or "path" in value):  # a Hugging Face Image/Audio feature
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
+        check_bytes(len(value), f"{row.where} field {field!r}", row.rules)
         return io.BytesIO(value), f"{row.where} field {field!r}"
     if isinstance(value, str) and value:
-        path = Path(value) if Path(value).is_absolute() else row.base / value
+        path = media_path(row, value, what)
         if not path.is_file():
             raise BadSample(f"{row.where}: {what} file not found: {path}")
-        return path, str(path)
+        check_bytes(path.stat().st_size, str(path), row.rules)
+        return path, f"{row.where}: {path}"  # the manifest line too: where to fix it
     raise BadSample(f"{row.where}: field {field!r} holds {type(value).__name__}; expected a path to a {what} file")
 
 
@@ -39,8 +43,10 @@ def decode_image(row: Row, field: str) -> np.ndarray:
     """uint8 [H, W] grayscale (colour is converted with Pillow's luminance weights)."""
     src, name = _file(row, field, "image")
     try:
-        with Image.open(src) as img:
+        with open_image(src, name, row.rules) as img:
             return np.asarray(img.convert("L"))
+    except BadSample:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadSample(f"{name}: not an image Pillow can read ({type(e).__name__}: {e})") from None
 
@@ -48,6 +54,7 @@ def decode_image(row: Row, field: str) -> np.ndarray:
 def decode_audio(row: Row, field: str, sample_rate: int) -> Audio:
     """Mono float32 samples at `sample_rate` (`read_clip`: the decoder `predict` uses too)."""
     src, name = _file(row, field, "audio")
+    check_audio_header(src, name, row.rules)
     try:
         return read_clip(src, sample_rate)
     except MediaError as e:

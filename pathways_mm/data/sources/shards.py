@@ -20,15 +20,17 @@ import numpy as np
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
-from pathways_mm.data.sources.base import BadSample, Row, Source, cached_index, file_stamp
+from pathways_mm.data.sources.base import DEFAULT_RULES, BadSample, MediaRules, Row, Source, cached_index, file_stamp
+from pathways_mm.data.sources.paths import files_inside, pattern_folder
 from pathways_mm.errors import ConfigError
 
 
-def shard_paths(pattern: str) -> list[Path]:
-    """The shards a brace pattern names; every one must be a local file."""
+def shard_paths(pattern: str, roots: Sequence[Path] = ()) -> list[Path]:
+    """The shards a brace pattern names; every one must be a local file inside the pattern's
+    folder (or `roots`, data.media_roots), symlinks followed."""
     if "://" in pattern or pattern.startswith("pipe:"):
         raise ConfigError(f"{pattern}: only local shard files are read (nothing is fetched); copy the shards here")
-    paths = [Path(p) for p in expand_urls(pattern)]
+    paths = files_inside([Path(p) for p in expand_urls(pattern)], pattern_folder(pattern), roots, "WebDataset shard")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"WebDataset shard not found: {missing[0]} ({len(missing)} of {len(paths)} missing)")
@@ -117,10 +119,11 @@ class ShardSource(Source):
 
     kind = "webdataset"
 
-    def __init__(self, pattern: str, fields: Sequence[str], cache: Path):
+    def __init__(self, pattern: str, fields: Sequence[str], cache: Path, rules: MediaRules = DEFAULT_RULES):
         self.path = Path(pattern)
-        self.shards = shard_paths(pattern)
+        self.shards = shard_paths(pattern, rules.roots)
         self.fields = tuple(fields)
+        self.rules = rules
         exts = [f.lower() for f in fields]  # webdataset lower-cases extensions
         self._col = {ext: j for j, ext in enumerate(exts)}
         stamp = file_stamp(self.shards) + "-" + "-".join(exts)
@@ -147,6 +150,11 @@ class ShardSource(Source):
                 offset, size = int(self.offset[i, j]), int(self.size[i, j])
                 if offset < 0:
                     raise BadSample(f"{locate()}: the sample has no .{name.lower()} member")
+                if size > self.rules.max_bytes:  # refused from the index, before it is read
+                    raise BadSample(
+                        f"{locate()}: the .{name.lower()} member has {size} bytes; "
+                        f"data.max_media_bytes allows {self.rules.max_bytes}"
+                    )
                 f.seek(offset)
                 data = f.read(size)
                 if len(data) != size:
@@ -154,4 +162,4 @@ class ShardSource(Source):
                         f"{locate()}: the .{name.lower()} member is cut short ({len(data)} of {size} bytes)"
                     )
                 values[name] = data
-        return Row(values, path.parent, locate)
+        return Row(values, path.parent, locate, self.rules)

@@ -121,3 +121,20 @@ def test_bad_media_names_the_task_and_sample(segment, message):
 def test_too_long_input_says_which_setting_to_raise():
     with pytest.raises(ConfigError, match="data.max_len"):
         collate([examples()[2]], [0], TOK, 32, model_cfg=CFG)
+
+
+def test_a_target_that_does_not_fit_is_cut_or_refused_by_task():
+    """A built-in LM chunk is cut to fit data.max_len; a task named in whole_targets (a declared
+    task: one answer per row) refuses it, naming the task and the sample: cut, it could never match."""
+    long = MultimodalExample("t", (("text", "q"),), "x " * 500)
+    cut = collate([long], [0], TOK, 32, model_cfg=CFG)
+    assert cut.tokens.shape[1] == 32 and int(cut.lengths[0]) == 32
+    with pytest.raises(ConfigError, match=r"task 't', train\[5\]: a target of \d+ tokens does not fit data.max_len=32"):
+        collate([long], [0], TOK, 32, model_cfg=CFG, keys=["train[5]"], whole_targets={"t"})
+    fits = MultimodalExample("t", (("text", "q"),), "x")
+    assert collate([fits], [0], TOK, 32, model_cfg=CFG, whole_targets={"t"}).tokens.shape[0] == 1
+    bad = []
+    batch = collate(
+        [fits, long], [0, 1], TOK, 32, model_cfg=CFG, on_bad=lambda b, e: bad.append(b), whole_targets={"t"}
+    )
+    assert bad == [1] and batch.tokens.shape[0] == 1  # a bad sample like any other: skipped with on_bad

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from pathways_mm.config import load_config
 from pathways_mm.data.collate import collate
-from pathways_mm.data.datasets import load_split, record_path, split_path
-from pathways_mm.data.taskset import load_tasks
+from pathways_mm.data.datasets import encode, load_split, record_path, split_path
+from pathways_mm.data.taskset import TaskSet, load_batch, load_tasks, make_sampler
 from pathways_mm.encoders.text import load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.tasks import MultimodalExample, Task, get_task
 from tests.helpers import DEBUG_CFG
+
+TOK = load_tokenizer()
 
 
 class Words(Task):
@@ -118,3 +121,62 @@ def test_a_training_mixture_never_reads_a_shrunken_task(tmp_path, monkeypatch):
     path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:100]))
     with pytest.raises(ConfigError, match=f"{path}: dataset cache is cut or altered"):
         load_tasks(cfg)
+
+
+class Exploding(Words):
+    """A plugin task whose code raises: in encode for every third sample, in build_dataset after five."""
+
+    name = "exploding_test"
+
+    def encode(self, sample):
+        if sample["n"] % 3 == 2:
+            raise RuntimeError(f"no codec for\nsample {sample['n']}")
+        return super().encode(sample)
+
+
+class ExplodingBuild(Words):
+    name = "exploding_build_test"
+
+    def build_dataset(self, split, root, seed):
+        yield from self.samples[:5]
+        raise ZeroDivisionError("division by zero")
+
+
+def test_a_plugin_exception_in_encode_is_one_line_naming_task_split_and_index(tmp_path, monkeypatch):
+    task = Exploding()
+    assert encode(task, task.samples[0], "train[0]").target_text == "word0"
+    with pytest.raises(ConfigError) as e:
+        encode(task, task.samples[2], "train[2]")
+    msg = str(e.value)
+    assert msg.startswith("task 'exploding_test', train[2]: cannot encode sample") and len(msg.splitlines()) == 1
+    assert "RuntimeError: no codec for sample 2" in msg and "PMM_TRACEBACK=1" in msg
+    monkeypatch.setenv("PMM_TRACEBACK", "1")  # the task's own exception, with its traceback
+    with pytest.raises(RuntimeError, match="no codec"):
+        encode(task, task.samples[2], "train[2]")
+
+
+def test_a_plugin_exception_while_building_a_batch_names_the_sample(tmp_path):
+    cfg = load_config(DEBUG_CFG, ["train.micro_batch_size=8"])
+    task = Exploding()
+    ts = TaskSet(tasks=[task], train=[load_split(task, "train", tmp_path, 0)])
+    sampler = make_sampler(cfg, ts, world=1)
+    loaded = load_batch(cfg, ts, sampler, TOK, 0, 0, 0)
+    first_bad = next(i for _, i in sampler.draw(8, 0, 0, 0) if i % 3 == 2)
+    assert loaded.batch is None and loaded.error.startswith(f"task 'exploding_test', train[{first_bad}]: cannot")
+    skipped = load_batch(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_sample="skip")), ts, sampler, TOK, 0, 0, 0
+    )
+    assert skipped.batch is not None and all("RuntimeError" in m for _, m in skipped.bad)
+    assert len(skipped.bad) == sum(i % 3 == 2 for _, i in sampler.draw(8, 0, 0, 0))
+
+
+def test_a_plugin_exception_in_build_dataset_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError) as e:
+        load_split(ExplodingBuild(), "train", tmp_path, 0)
+    assert str(e.value).startswith(
+        "task 'exploding_build_test': build_dataset('train') failed at train[5] (ZeroDivisionError: division by zero)"
+    )
+    assert not list(tmp_path.rglob("*.jsonl"))  # nothing half-built left behind
+    monkeypatch.setenv("PMM_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        load_split(ExplodingBuild(), "train", tmp_path, 0)
