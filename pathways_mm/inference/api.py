@@ -28,6 +28,7 @@ import torch
 from pathways_mm.config import ExperimentConfig, config_from_dict, one_process
 from pathways_mm.data.collate import collate
 from pathways_mm.data.declared import declare_tasks
+from pathways_mm.data.sources.base import MediaRules
 from pathways_mm.encoders.text import TextTokenizer, load_tokenizer
 from pathways_mm.errors import ConfigError
 from pathways_mm.inference.export import INFO, load_export
@@ -87,6 +88,7 @@ class TrainedModel:
         self.cfg, self.table, self.source, self.device = cfg, dict(table), source, device
         self.tok: TextTokenizer = load_tokenizer()
         declare_tasks(cfg)  # the model's declared tasks are data, not code: safe to rebuild from its config
+        self.rules = MediaRules.from_config(cfg)  # files given to it are held to the limits training data is
 
     @property
     def tasks(self) -> list[str]:
@@ -151,8 +153,10 @@ class TrainedModel:
         if unknown:
             raise ConfigError(f"{key}: unknown input {sorted(unknown)}; give image, audio and/or text")
         try:
-            rate = self.cfg.model.audio.sample_rate
-            return user_inputs(t.name, t.modalities, item.get("image"), item.get("audio"), item.get("text"), rate)
+            media = {m: item.get(m) for m in ("image", "audio", "text")}
+            return user_inputs(
+                t.name, t.modalities, **media, sample_rate=self.cfg.model.audio.sample_rate, rules=self.rules
+            )
         except ConfigError as e:
             raise ConfigError(f"{key}: {e}") from None
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pathways_mm.data.sources.base import DEFAULT_RULES, MediaRules
+from pathways_mm.data.sources.limits import check_audio_header, check_bytes, open_image
 from pathways_mm.encoders.audio import Audio, at_rate, read_clip
 from pathways_mm.encoders.vision import MediaError
 from pathways_mm.errors import ConfigError
@@ -34,13 +36,15 @@ def _as_path(value: Any) -> Path | None:
     return Path(value) if isinstance(value, (str, os.PathLike)) else None
 
 
-def read_image(value: Any) -> np.ndarray:
+def read_image(value: Any, rules: MediaRules = DEFAULT_RULES) -> np.ndarray:
     """An image as a grayscale `[H, W]` uint8 or float array: from a file path, a PIL image, or an
-    array (`[H, W]`, or `[H, W, C]` with 1, 3 or 4 channels)."""
+    array (`[H, W]`, or `[H, W, C]` with 1, 3 or 4 channels). A file is held to the media limits
+    training holds data to (`rules`: bytes and pixels, checked before its pixels are decoded)."""
     path = _as_path(value)
     if path is not None:
         try:
-            with Image.open(path) as img:
+            check_bytes(path.stat().st_size, f"image {path}", rules)
+            with open_image(path, f"image {path}", rules) as img:
                 return np.asarray(img.convert("L"))
         except (OSError, UnidentifiedImageError) as e:
             raise ConfigError(f"cannot read image {path}: {e}") from None
@@ -54,14 +58,19 @@ def read_image(value: Any) -> np.ndarray:
     return arr
 
 
-def read_audio(value: Any, sample_rate: int) -> Audio:
+def read_audio(value: Any, sample_rate: int, rules: MediaRules = DEFAULT_RULES) -> Audio:
     """A clip as `Audio` at the model's `sample_rate`: from an audio file path (WAV, FLAC, OGG),
     an `Audio`, or a `(samples, sample_rate)` pair; decoded and resampled as training decodes a
-    declared task's files (`encoders.audio.read_clip` and `at_rate`)."""
+    declared task's files (`encoders.audio.read_clip` and `at_rate`), a file held to the same
+    media limits (`rules`: bytes, channels and length, from its header)."""
     path = _as_path(value)
     if path is not None:
         try:
+            check_bytes(path.stat().st_size, f"audio {path}", rules)
+            check_audio_header(path, f"audio {path}", rules)
             return read_clip(path, sample_rate)
+        except OSError as e:
+            raise ConfigError(f"cannot read audio {path}: {e}") from None
         except MediaError as e:
             raise ConfigError(f"cannot read audio {path}: {e}") from None
     if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], (int, np.integer)):
@@ -98,18 +107,19 @@ def user_inputs(
     audio: Any = None,
     text: str | None = None,
     sample_rate: int = 16_000,
+    rules: MediaRules = DEFAULT_RULES,
 ) -> dict[str, Any]:
     """{modality: raw} for a task that reads `modalities`, checked (`check_inputs`) and read
-    (audio at the model's `sample_rate`)."""
+    (audio at the model's `sample_rate`; files within the media limits `rules`)."""
     given = {"image": image, "audio": audio, "text": text}
     check_inputs(task_name, modalities, [m for m, v in given.items() if v is not None])
     if text is not None and not isinstance(text, str):
         raise ConfigError(f"text must be a string, got {type(text).__name__}")
     out: dict[str, Any] = {}
     if "image" in modalities:
-        out["image"] = read_image(image)
+        out["image"] = read_image(image, rules)
     if "audio" in modalities:
-        out["audio"] = read_audio(audio, sample_rate)
+        out["audio"] = read_audio(audio, sample_rate, rules)
     if "text" in modalities:
         out["text"] = text or ""
     return out

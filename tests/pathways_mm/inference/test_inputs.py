@@ -22,6 +22,7 @@ from pathways_mm.inference.inputs import (
     write_png,
     write_wav,
 )
+from tests.pathways_mm.data.test_limits import png_header, wav
 
 RNG = np.random.default_rng(0)
 DIGIT = RNG.integers(0, 256, (28, 28), dtype=np.uint8)
@@ -138,3 +139,15 @@ def test_inputs_must_be_the_tasks(modalities, given, message):
 def test_text_may_be_left_out():
     assert user_inputs("t", ("text",)) == {"text": ""}
     assert user_inputs("t", ("text",), text="hi") == {"text": "hi"}
+
+
+def test_files_given_to_a_model_are_held_to_the_data_limits(tmp_path):
+    """predict --input can come from someone else: a bomb or a 64-channel clip is refused from its header."""
+    (tmp_path / "bomb.png").write_bytes(png_header(12_000, 12_000))
+    with pytest.raises(ConfigError, match="bomb.png: an image of 12000 x 12000 pixels; data.max_image_pixels"):
+        read_image(tmp_path / "bomb.png")
+    (tmp_path / "wide.wav").write_bytes(wav(1600, channels=64))
+    with pytest.raises(ConfigError, match="wide.wav: 64 audio channels; data.max_audio_channels"):
+        read_audio(tmp_path / "wide.wav", 16000)
+    with pytest.raises(ConfigError, match="cannot read audio .*missing.wav"):
+        read_audio(tmp_path / "missing.wav", 16000)
