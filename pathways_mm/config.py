@@ -101,7 +101,7 @@ class VisionConfig:
 class AudioConfig:
     """Audio encoder: log-mel spectrogram, SpecAugment in training, 4x conv subsampling."""
 
-    sample_rate: int = 16_000  # clips at any other rate are refused, not silently resampled
+    sample_rate: int = 16_000  # files and predict inputs are resampled to it; a task's own clips must match it
     n_fft: int = 512
     hop_length: int = 256  # 16 ms frames
     n_mels: int = 40
