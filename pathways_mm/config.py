@@ -30,6 +30,9 @@ class MoEConfig:
     num_experts: int = 0
     top_k: int = 2
     expert_d_ff: int | None = None  # hidden size of each expert; null = model.d_ff
+    # Hidden size of a shared expert: a dense SwiGLU beside the routed experts that every token
+    # passes through (DeepSeekMoE); trunk like attention, never masked or cut by an export. 0 = none.
+    shared_d_ff: int = 0
     moe_every: int = 2
     capacity_factor: float | None = None  # null = dropless
     eval_capacity_factor: float | None = None  # null = same as capacity_factor
@@ -508,6 +511,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.moe.num_experts": (0, 4096),
     "model.moe.top_k": (1, 4096),
     "model.moe.expert_d_ff": (1, 1 << 20),
+    "model.moe.shared_d_ff": (0, 1 << 20),
     "model.moe.moe_every": (1, 1024),
     "model.moe.ep_size": (1, 4096),
     "model.moe.capacity_factor": (0, 1e4),
