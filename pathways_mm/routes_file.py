@@ -2,7 +2,8 @@
 
 The schema (docs/routes.md): format/version, the model's identity, the checkpoint, the data
 that was counted, task and modality names, and per MoE layer the counts of routes (task,
-modality, expert), dropped routes, tokens and summed gate entropy. `training.routes` writes
+modality, expert), dropped routes, tokens by their top-1 expert ("top1"; files written before it
+lack it and still load), tokens and summed gate entropy. `training.routes` writes
 them from route telemetry; `viz` reads them. No torch here: drawing needs none.
 """
 
@@ -41,8 +42,9 @@ def document(
     checkpoint: dict[str, Any],
     data: dict[str, Any],
 ) -> dict[str, Any]:
-    """The routes JSON from (block, route_counts [2, tasks, modalities, experts], token_stats
-    [2, tasks, modalities]) per MoE layer: nested lists or anything with `.tolist()`."""
+    """The routes JSON from (block, route_counts [2 or 3, tasks, modalities, experts]: routes,
+    dropped, top-1; token_stats [2, tasks, modalities]) per MoE layer: nested lists or anything
+    with `.tolist()`."""
     n = len(task_names)
     out = []
     for block, counts, stats in layers:
@@ -58,6 +60,8 @@ def document(
                 "entropy_sum": [[v / ENTROPY_SCALE for v in row] for row in stats[1][:n]],
             }
         )
+        if len(counts) > 2:
+            out[-1]["top1"] = counts[2][:n]
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -147,6 +151,8 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
                 ("entropy_sum", (n, m)),
             ):
                 _grid(layer.get(key), want, f"block {block} {key}")
+            if "top1" in layer:  # optional: older files have no top-1 counts
+                _grid(layer["top1"], (n, m, e), f"block {block} top1")
     except ValueError as e:
         raise ConfigError(f"{p}: not a valid routes file ({e})") from None
     return doc

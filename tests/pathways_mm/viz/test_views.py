@@ -42,6 +42,21 @@ def test_heatmap_modality_entropy_and_dropped_numbers():
     np.testing.assert_allclose(l1.dropped_T, [0.1, 0.0])
 
 
+def test_gate_usage_entropy_and_tokens_off_the_main_expert():
+    old = views(make_doc(BEFORE))  # a routes file without top-1 counts (written before them) still loads
+    assert np.isnan(old.layers[0].off_top_T).all()
+    # usage entropy: the entropy of a task's routes over experts, nats (block 3, task a: 50/50 -> ln 2)
+    np.testing.assert_allclose(old.layers[1].usage_entropy_T, [np.log(2), np.log(2)])
+    doc = make_doc(BEFORE)
+    top1 = np.zeros((3, 3, ROUTES_E), dtype=int)
+    top1[0, TEXT] = [40, 0, 10, 0]  # task a: 50 tokens, its most-routed expert is 0 -> 10 of 50 off it
+    top1[1, TEXT] = [0, 0, 30, 0]  # task b: most-routed expert 2 (40 routes) -> none off it
+    doc["layers"][0]["top1"] = top1.tolist()
+    v = views(doc)
+    np.testing.assert_allclose(v.layers[0].off_top_T, [0.2, 0.0])
+    assert np.isnan(v.layers[1].off_top_T).all()  # that layer has no top-1 counts
+
+
 def test_pathways_shared_nodes_and_reuse():
     v = views(make_doc(BEFORE))
     assert v.pathways == {"a": [[0], [0]], "b": [[2, 0], [1]]}
