@@ -25,12 +25,17 @@ from pathways_mm.tasks.base import MODALITIES
 FORMAT = "pathways-mm-routes"
 VERSION = 1
 ENTROPY_SCALE = 1_000_000  # route telemetry counts gate entropy in micro-nats (integers sum exactly)
+# Model keys added after routes files were first written, at the value that gives the older model:
+# left out of the hash there, so a model that does not use them keeps the hash it always had.
+_LATER_KEYS = {"shared_d_ff": 0}
 
 
 def model_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """The model a routes file describes; `hash` ignores how MoE layers run (impl, ep_size, ...)."""
     model = to_dict(cfg.model)
-    shape = {**model, "moe": {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS}}
+    later_at_default = {k for k, v in _LATER_KEYS.items() if model["moe"].get(k) == v}
+    moe = {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS and k not in later_at_default}
+    shape = {**model, "moe": moe}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
     return {"name": cfg.name, "hash": digest, "num_blocks": cfg.model.n_layers, "config": model}
 

@@ -29,6 +29,21 @@ def test_document_keeps_the_configured_tasks_and_round_trips(tmp_path):
     assert routes_file.load(routes_file.write(tmp_path / "r.json", doc)) == doc
 
 
+def test_model_hash_ignores_a_later_key_at_its_old_value():
+    import dataclasses
+    import hashlib
+
+    from pathways_mm.config import MOE_RUNTIME_KEYS, to_dict
+
+    model = to_dict(ROUTES_CFG.model)
+    old_moe = {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS and k != "shared_d_ff"}
+    old = hashlib.sha256(json.dumps({**model, "moe": old_moe}, sort_keys=True).encode()).hexdigest()[:16]
+    assert routes_file.model_identity(ROUTES_CFG)["hash"] == old  # as written before shared experts existed
+    moe = dataclasses.replace(ROUTES_CFG.model.moe, shared_d_ff=8)
+    shared = ROUTES_CFG.replace(model=dataclasses.replace(ROUTES_CFG.model, moe=moe))
+    assert routes_file.model_identity(shared)["hash"] != old
+
+
 def test_heatmap_modality_entropy_and_dropped_numbers():
     v = views(make_doc(BEFORE, dropped={1: {(0, TEXT, 0): 10}}))
     assert v.tasks == ["a", "b"]  # "new" has no tokens in this file
