@@ -152,8 +152,11 @@ def _check(cfg: ExperimentConfig, seeds: int, variants: tuple[str, ...]) -> None
         raise ConfigError(f"--variant {unknown[0]}: not one of {', '.join(VARIANTS + EXTRA)}")
     dense_counterpart(cfg.model)  # raises if no dense width matches the active parameters
     for v in variants:
-        if v not in DENSE:
-            _sparse_moe(cfg, v)  # raises if the variant has no equal-active setting for this model
+        try:
+            if v not in DENSE:
+                _sparse_moe(cfg, v)  # raises if the variant has no equal-active setting for this model
+        except ConfigError as e:
+            raise ConfigError(f"--variant {v}: {e}; leave this variant out") from None
 
 
 def arm_name(variant: str, lr: float | None) -> str:

@@ -92,6 +92,12 @@ def test_bad_requests_are_config_errors(tmp_path):
         run_ablation(cfg, 1, tmp_path, ("nope",))
     with pytest.raises(ConfigError, match="--seeds must be >= 1"):
         run_ablation(cfg, 0, tmp_path)
+    with pytest.raises(ConfigError, match="--lr must be > 0"):
+        run_ablation(cfg, 1, tmp_path, ("multi_dense",), lrs=(1e-3, 0.0))
+    # top-1 of 192: a shared expert 192 wide leaves no routed expert to choose
+    odd = load_config(MOE_CFG, ["model.moe.expert_d_ff=192", "model.moe.top_k=1"])
+    with pytest.raises(ConfigError, match="--variant flagship: no top_k of 8 experts"):
+        run_ablation(odd, 1, tmp_path, ("multi_dense", "flagship"))
     with pytest.raises(ConfigError, match="num_experts > 0"):
         run_ablation(cfg.replace(model=variant_config(cfg, "multi_dense", 0).model), 1, tmp_path)
 
