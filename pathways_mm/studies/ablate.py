@@ -17,11 +17,14 @@ At equal active parameters and equal samples per task, on CONFIG's tasks and sch
                     what CONFIG's own loss normalisation buys (run it when CONFIG uses another)
   flagship          the candidate for demo.yaml: a shared expert one expert wide, experts twice as
                     many and half as wide (the same pool), top_k so active parameters stay equal,
-                    mi_coef 0.005 (Mod-Squad's), CONFIG's masks
+                    mi_coef 0.005 (Mod-Squad's), masks only after training (as pruneafter)
   shared            CONFIG's routing plus a shared expert one expert wide, top_k lowered to match
   fine16, fine32    CONFIG's routing over 16 / 32 experts of the same pool, top_k scaled
   mi005             CONFIG's routing with mi_coef 0.005
   nomask            CONFIG's routing without pathway masks while training
+  pruneafter        CONFIG's routing with the masks chosen at the last training forward from the
+                    routes of the last mask_window forwards (Mod-Squad prunes after training): no
+                    task trains inside its mask, and its export keeps only its experts
 
 Each (variant, seed) is its own run directory under DIR (default runs/ablate-NAME); a rerun
 continues where it stopped. The table (printed, ablation.md and ablation.json in DIR) gives each
@@ -60,7 +63,7 @@ VARIANTS = (
 )
 DENSE = ("single_dense", "multi_dense", "dense_total")
 # Run only when asked for with --variant: the mechanisms the flagship combines, one at a time.
-EXTRA = ("sparse_specific_example_norm", "shared", "fine16", "fine32", "mi005", "nomask")
+EXTRA = ("sparse_specific_example_norm", "shared", "fine16", "fine32", "mi005", "nomask", "pruneafter")
 SPARSE = tuple(v for v in (*VARIANTS, *EXTRA) if v not in DENSE)
 BASELINE = "multi_dense"  # the paired differences are taken against it
 MOD_SQUAD_MI = 0.005
@@ -103,6 +106,14 @@ def dense_total(m: ModelConfig) -> ModelConfig:
     return dataclasses.replace(m, d_ff=width, moe=dataclasses.replace(e, num_experts=0, shared_d_ff=0))
 
 
+def prune_after(moe: MoEConfig, cfg: ExperimentConfig) -> MoEConfig:
+    """`moe` with its pathway masks set at the last training forward (mask_mass 0.95 if it had none)."""
+    forwards = cfg.train.steps * cfg.train.grad_accum
+    return dataclasses.replace(
+        moe, mask_mass=moe.mask_mass or 0.95, mask_step=forwards, mask_window=min(moe.mask_window, forwards)
+    )
+
+
 def _sparse_moe(cfg: ExperimentConfig, variant: str) -> MoEConfig:
     moe, d_ff = cfg.model.moe, cfg.model.d_ff
     width = moe.expert_d_ff or d_ff
@@ -113,7 +124,7 @@ def _sparse_moe(cfg: ExperimentConfig, variant: str) -> MoEConfig:
         return dataclasses.replace(moe, **base, balance="per_task", task_prior=True)
     if variant == "flagship":
         grown = equal_active(moe, d_ff, num_experts=2 * moe.num_experts, shared_d_ff=width)
-        return dataclasses.replace(grown, mi_coef=MOD_SQUAD_MI)
+        return prune_after(dataclasses.replace(grown, mi_coef=MOD_SQUAD_MI), cfg)
     if variant == "shared":
         return equal_active(moe, d_ff, num_experts=moe.num_experts, shared_d_ff=width)
     if variant in ("fine16", "fine32"):
@@ -122,6 +133,8 @@ def _sparse_moe(cfg: ExperimentConfig, variant: str) -> MoEConfig:
         return dataclasses.replace(moe, mi_coef=MOD_SQUAD_MI)
     if variant == "nomask":
         return dataclasses.replace(moe, mask_mass=0.0)
+    if variant == "pruneafter":
+        return prune_after(moe, cfg)
     return moe  # sparse_specific (and its example-norm twin): CONFIG's own routing
 
 
@@ -252,6 +265,7 @@ def route_summary(doc: dict[str, Any]) -> dict[str, Any]:
         joint_TE = views.task_expert_joint(layer)
         layers.append({
             "block": layer["block"],
+            "num_experts": layer["num_experts"],
             "mi_task": views.mutual_information(joint_TE),
             "mi_task_max": views.mutual_information_max(joint_TE),
             "min_expert_load": float(views.expert_load(joint_TE).min()),
@@ -276,6 +290,7 @@ def summarize(cfg: ExperimentConfig, seeds: int, runs: dict[str, list[dict[str, 
                                       for i in range(n_layers)]  # fmt: skip
             row["experts_kept"] = {t: [spread([r["export"][t]["experts_kept"][i] for r in per_seed])
                                        for i in range(n_layers)] for t in cfg.tasks}  # fmt: skip
+            row["experts"] = per_seed[0]["routes"]["layers"][0].get("num_experts", cfg.model.moe.num_experts)
         table[variant] = row
     for arm, per_seed in runs.items():
         variant, at = arm.partition("@")[::2]
@@ -338,9 +353,9 @@ def format_markdown(result: dict[str, Any]) -> str:
                          f"{' | '.join(_cell(result['variants'][v]['min_expert_load'][i], 2) for v in sparse)} |")  # fmt: skip
         for task in result["tasks"]:
             cells = [
-                " / ".join(f"{s['mean']:.1f}" for s in result["variants"][v]["experts_kept"][task]) for v in sparse
+                " / ".join(f"{s['mean']:.1f}" for s in result["variants"][v]["experts_kept"][task])
+                + f" of {result['variants'][v].get('experts', result['experts'])}"
+                for v in sparse
             ]
-            lines.append(
-                f"| experts kept by {task}'s export (per layer, of {result['experts']}) | {' | '.join(cells)} |"
-            )
+            lines.append(f"| experts kept by {task}'s export (per layer) | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"

@@ -51,7 +51,9 @@ def _router_params(cfg) -> int:
     return (m.n_layers // m.moe.moe_every) * m.moe.num_experts * (m.d_model + m.max_tasks)
 
 
-@pytest.mark.parametrize("variant", ["flagship", "shared", "fine16", "fine32", "mi005", "nomask", "sparse_tokens"])
+@pytest.mark.parametrize(
+    "variant", ["flagship", "shared", "fine16", "fine32", "mi005", "nomask", "pruneafter", "sparse_tokens"]
+)
 def test_sparse_arms_touch_as_many_parameters_per_token_as_the_config(variant):
     cfg = load_config(MOE_CFG, list(NEW))
     arm = variant_config(cfg, variant, 0)
@@ -66,14 +68,17 @@ def test_flagship_and_the_equal_active_helper():
     cfg = load_config(MOE_CFG, list(NEW))  # 4 experts of 96, top-2: 192 active hidden units
     moe = variant_config(cfg, "flagship", 0).model.moe
     assert (moe.num_experts, moe.expert_d_ff, moe.top_k, moe.shared_d_ff, moe.mi_coef) == (8, 48, 2, 96, 0.005)
-    assert moe.mask_mass == cfg.model.moe.mask_mass  # the config's masks: at most half of the 8 experts
+    # masks chosen at the last training forward (20 steps), from the last forward's routes: at most 4 of 8
+    assert (moe.mask_mass, moe.mask_step, moe.mask_window, moe.mask_max_experts) == (0.9, 20, 1, None)
+    late = variant_config(load_config(MOE_CFG), "pruneafter", 0).model.moe  # a config without masks gets 0.95
+    assert (late.mask_mass, late.mask_step, late.mask_window) == (0.95, 20, 20)
     fine = equal_active(cfg.model.moe, cfg.model.d_ff, num_experts=32)
     assert (fine.expert_d_ff, fine.top_k, fine.shared_d_ff) == (12, 16, 0)
     with pytest.raises(ConfigError, match="cannot split"):
         equal_active(cfg.model.moe, cfg.model.d_ff, num_experts=7)
     with pytest.raises(ConfigError, match="no top_k"):
         equal_active(cfg.model.moe, cfg.model.d_ff, num_experts=4, shared_d_ff=50)
-    assert set(EXTRA) >= {"shared", "fine16", "fine32", "mi005", "nomask"} and "flagship" in VARIANTS
+    assert set(EXTRA) >= {"shared", "fine16", "fine32", "mi005", "nomask", "pruneafter"} and "flagship" in VARIANTS
 
 
 def test_dense_total_holds_as_many_parameters_as_the_sparse_model():
@@ -123,7 +128,7 @@ def test_table_shows_mean_and_spread_over_seeds():
     md = format_markdown(result)
     assert "| text_lm | bits_per_byte (lower is better) | 2.500 ± 0.707 | 2.500 ± 0.707 |" in md
     assert "| I(task; expert) / max, MoE layer 1 | 0.50 ± 0.00 |" in md
-    assert "experts kept by text_arith's export (per layer, of 4) | 3.0 |" in md
+    assert "| experts kept by text_arith's export (per layer) | 3.0 of 4 |" in md
     # paired against multi_dense at the same seed; bits_per_byte: lower is better, so the sign flips
     paired = result["variants"]["sparse_specific"]["paired"]
     assert paired["text_lm"]["per_seed"] == [0.0, 0.0] and "paired" not in result["variants"]["multi_dense"]
