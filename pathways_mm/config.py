@@ -65,6 +65,9 @@ class MoEConfig:
     mask_step: int = 0
     mask_window: int = 100
     mask_max_experts: int | None = None
+    # > 0: choose the masks with the load in view: no expert gets more than this many times its
+    # fair share of the tallied routes (tasks choose in turn, skipping full experts). 0 = off.
+    mask_load_cap: float = 0.0
 
 
 # How a layer runs or trains, not what a trained layer computes: a checkpoint loads whatever
@@ -83,6 +86,7 @@ MOE_RUNTIME_KEYS = (
     "mask_step",
     "mask_window",
     "mask_max_experts",
+    "mask_load_cap",
 )
 
 
@@ -523,6 +527,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.moe.mask_step": (0, _MANY),
     "model.moe.mask_window": (1, _MANY),
     "model.moe.mask_max_experts": (1, 4096),
+    "model.moe.mask_load_cap": (0, 4096),
     "model.moe.router_jitter": (0, 1),
     "model.vision.image_size": (1, 4096),
     "model.vision.patch_size": (1, 4096),

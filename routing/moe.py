@@ -34,7 +34,16 @@ LAYER_KEYS = (
     "z_loss_coef",
     "shared_d_ff",
 )
-ROUTER_KEYS = ("balance", "task_prior", "debug_route_to", "mask_mass", "mask_step", "mask_window", "mask_max_experts")
+ROUTER_KEYS = (
+    "balance",
+    "task_prior",
+    "debug_route_to",
+    "mask_mass",
+    "mask_step",
+    "mask_window",
+    "mask_max_experts",
+    "mask_load_cap",
+)
 
 
 class MoEOutput(NamedTuple):
@@ -103,7 +112,7 @@ class PathwaysMoE(MoE):
         """shared_d_ff > 0: a dense SwiGLU of that width beside the routed experts, which every token
         passes through (trunk, like attention: never masked or cut by an export).
         router: the TaskRouter's keyword arguments (balance, task_prior, jitter, debug_route_to,
-        groups, mask_mass, mask_step, mask_window, mask_max_experts)."""
+        groups, mask_mass, mask_step, mask_window, mask_max_experts, mask_load_cap)."""
         # MoE.__init__ is skipped on purpose: it builds DeepSpeed's TopKGate and deep-copied Experts,
         # which this layer replaces. The attributes DeepSpeed's engine reads are set here instead.
         nn.Module.__init__(self)

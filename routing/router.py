@@ -47,6 +47,51 @@ def fewest_covering(
     return torch.where((total_M > 0)[:, None], chosen_ME, allowed_ME)
 
 
+@torch.no_grad()
+def load_capped_covering(
+    counts_ME: torch.Tensor,
+    allowed_ME: torch.Tensor,
+    mass: float,
+    min_experts: int,
+    max_experts: int,
+    cap: float,
+) -> torch.Tensor:
+    """`fewest_covering` with the load in view: no expert takes more than `cap` x its fair share
+    of all counted routes (sum / experts), so the masks do not pile every task onto the same few.
+
+    Tasks choose in turn, the largest first, each going down its own preference list: an expert
+    whose load (the routes the tasks that kept it sent it in `counts_ME`) would pass the cap is
+    skipped, until the task's kept experts carry `mass` of its routes or it holds `max_experts`.
+    A task short of `min_experts` then takes its most preferred skipped experts. One host sync:
+    it runs once per training run.
+    """
+    counts, allowed = counts_ME.double().cpu(), allowed_ME.cpu()
+    M, E = counts.shape
+    limit = cap * counts.sum().item() / E
+    load = torch.zeros(E, dtype=torch.float64)
+    chosen = allowed.clone()
+    total_M = counts.sum(1)
+    for t in sorted(range(M), key=lambda t: -total_M[t].item()):
+        if total_M[t] <= 0:
+            continue  # no routes counted: the task keeps its row
+        prefs = [e for e in counts[t].argsort(descending=True, stable=True).tolist() if allowed[t, e]]
+        keep, skipped, covered = [], [], 0.0
+        for e in prefs:
+            if covered >= mass * total_M[t].item() - 1e-9 and len(keep) >= min_experts or len(keep) == max_experts:
+                break
+            if load[e] + counts[t, e] > limit and load[e] > 0:
+                skipped.append(e)
+                continue
+            keep.append(e)
+            covered += counts[t, e].item()
+        keep += skipped[: max(0, min_experts - len(keep))]
+        for e in keep:
+            load[e] += counts[t, e]
+        chosen[t] = False
+        chosen[t, keep] = True
+    return chosen.to(allowed_ME.device)
+
+
 class TaskRouter(nn.Module):
     """logits = x·W_r + P[task], masked to the task's allowed experts; top-k, softmax over the k.
 
@@ -58,7 +103,8 @@ class TaskRouter(nn.Module):
     the `mask_window` training forwards that end with forward `mask_step`, then restricts every
     task to the fewest experts carrying `mask_mass` of them (at least top_k, at most
     `mask_max_experts`; see `restrict_to_routes`). A task then reaches only those experts, so its
-    exported sub-network holds only them.
+    exported sub-network holds only them. mask_load_cap > 0 chooses them with the load in view
+    (`load_capped_covering`): no expert gets more than that many times its fair share.
     weights: objective name -> weight (routing.objectives); objectives at weight 0 are not computed.
     None computes every objective (a bare router, as in tests).
     """
@@ -79,6 +125,7 @@ class TaskRouter(nn.Module):
         mask_step: int = 0,
         mask_window: int = 100,
         mask_max_experts: int | None = None,
+        mask_load_cap: float = 0.0,
         weights: dict[str, float] | None = None,
     ):
         super().__init__()
@@ -107,6 +154,7 @@ class TaskRouter(nn.Module):
         # experts the layer still holds; the router scores all experts, then keeps these.
         self.register_buffer("kept", None)
         self.mask_mass, self.mask_step, self.mask_window = mask_mass, mask_step, mask_window
+        self.mask_load_cap = mask_load_cap
         self.mask_max_experts = num_experts // 2 if mask_max_experts is None else mask_max_experts
         if mask_mass > 0:
             if not (
@@ -137,7 +185,11 @@ class TaskRouter(nn.Module):
     def restrict_to_routes(self, counts_ME: torch.Tensor) -> None:
         """Allow each task only the fewest experts carrying `mask_mass` of its routes in `counts_ME`
         ([max_tasks, experts]); tasks without routes keep their mask."""
-        self.allowed.copy_(fewest_covering(counts_ME, self.allowed, self.mask_mass, self.top_k, self.mask_max_experts))
+        args = (counts_ME, self.allowed, self.mask_mass, self.top_k, self.mask_max_experts)
+        if self.mask_load_cap > 0:
+            self.allowed.copy_(load_capped_covering(*args, self.mask_load_cap))
+        else:
+            self.allowed.copy_(fewest_covering(*args))
 
     def logits(self, x_TD: torch.Tensor, task_T: torch.Tensor) -> torch.Tensor:
         """Masked float32 router logits [tokens, experts]."""

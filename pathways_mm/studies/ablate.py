@@ -25,6 +25,8 @@ At equal active parameters and equal samples per task, on CONFIG's tasks and sch
   pruneafter        CONFIG's routing with the masks chosen at the last training forward from the
                     routes of the last mask_window forwards (Mod-Squad prunes after training): no
                     task trains inside its mask, and its export keeps only its experts
+  loadcap           CONFIG's routing with masks chosen with the load in view (mask_load_cap 1.5:
+                    no expert gets more than 1.5x its fair share of the tallied routes)
 
 Each (variant, seed) is its own run directory under DIR (default runs/ablate-NAME); a rerun
 continues where it stopped. The table (printed, ablation.md and ablation.json in DIR) gives each
@@ -63,10 +65,11 @@ VARIANTS = (
 )
 DENSE = ("single_dense", "multi_dense", "dense_total")
 # Run only when asked for with --variant: the mechanisms the flagship combines, one at a time.
-EXTRA = ("sparse_specific_example_norm", "shared", "fine16", "fine32", "mi005", "nomask", "pruneafter")
+EXTRA = ("sparse_specific_example_norm", "shared", "fine16", "fine32", "mi005", "nomask", "pruneafter", "loadcap")
 SPARSE = tuple(v for v in (*VARIANTS, *EXTRA) if v not in DENSE)
 BASELINE = "multi_dense"  # the paired differences are taken against it
 MOD_SQUAD_MI = 0.005
+LOAD_CAP = 1.5  # loadcap: no expert above 1.5x its fair share of the routes the masks are chosen from
 
 
 def equal_active(moe: MoEConfig, d_ff: int, *, num_experts: int, shared_d_ff: int = 0) -> MoEConfig:
@@ -135,6 +138,8 @@ def _sparse_moe(cfg: ExperimentConfig, variant: str) -> MoEConfig:
         return dataclasses.replace(moe, mask_mass=0.0)
     if variant == "pruneafter":
         return prune_after(moe, cfg)
+    if variant == "loadcap":
+        return dataclasses.replace(moe, mask_load_cap=LOAD_CAP)
     return moe  # sparse_specific (and its example-norm twin): CONFIG's own routing
 
 

@@ -10,7 +10,7 @@ from pathways_mm.routing.objectives import (
     per_task_balance_loss,
     z_loss,
 )
-from pathways_mm.routing.router import fewest_covering
+from pathways_mm.routing.router import fewest_covering, load_capped_covering
 from pathways_mm.viz.views import mutual_information
 
 
@@ -284,3 +284,34 @@ def test_a_routing_objective_registered_twice_is_an_error():
 
     with pytest.raises(ValueError, match="registered twice"):
         register_objective("mi", weight_key="mi_coef")(lambda r: r.probs_TE.sum())
+
+
+def test_load_capped_masks_send_a_task_past_a_full_expert():
+    counts = torch.tensor([[90, 10, 0, 0], [80, 0, 20, 0]])
+    allowed = torch.ones(2, 4, dtype=torch.bool)
+    plain = fewest_covering(counts, allowed, 0.9, 1, 2)
+    assert plain.tolist() == [[True, False, False, False], [True, False, True, False]]  # both pile onto expert 0
+    capped = load_capped_covering(counts, allowed, 0.9, 1, 2, cap=1.0)  # fair share 50 routes per expert
+    assert capped.tolist() == [[True, False, False, False], [False, True, True, False]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_unreachable_load_cap_gives_the_fewest_covering_masks(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 50, (5, 8), generator=g)
+    counts[3] = 0  # a task without routes keeps its row
+    allowed = torch.rand(5, 8, generator=g) > 0.2
+    allowed[:, :2] = True
+    want = fewest_covering(counts, allowed, 0.8, 2, 4)
+    assert torch.equal(load_capped_covering(counts, allowed, 0.8, 2, 4, cap=1e9), want)
+
+
+def test_router_restricts_with_the_load_cap_at_its_mask_step():
+    router = TaskRouter(4, 4, 2, 1, mask_mass=0.9, mask_step=1, mask_window=1, mask_load_cap=1.0)
+    with torch.no_grad():
+        router.wg.weight.zero_()
+        router.pathway.copy_(torch.tensor([[5.0, 0, 0, 0], [4.0, 0, 3.0, 0]]))  # both tasks prefer expert 0
+    router.train()
+    router(torch.zeros(8, 4), torch.tensor([0] * 4 + [1] * 4))
+    assert router.allowed[0].tolist() == [True, False, False, False]
+    assert not router.allowed[1, 0] and router.allowed[1].sum() == 2  # expert 0 is full: task 1 goes elsewhere

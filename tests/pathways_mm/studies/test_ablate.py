@@ -52,7 +52,7 @@ def _router_params(cfg) -> int:
 
 
 @pytest.mark.parametrize(
-    "variant", ["flagship", "shared", "fine16", "fine32", "mi005", "nomask", "pruneafter", "sparse_tokens"]
+    "variant", ["flagship", "shared", "fine16", "fine32", "mi005", "nomask", "pruneafter", "loadcap", "sparse_tokens"]
 )
 def test_sparse_arms_touch_as_many_parameters_per_token_as_the_config(variant):
     cfg = load_config(MOE_CFG, list(NEW))
@@ -78,7 +78,8 @@ def test_flagship_and_the_equal_active_helper():
         equal_active(cfg.model.moe, cfg.model.d_ff, num_experts=7)
     with pytest.raises(ConfigError, match="no top_k"):
         equal_active(cfg.model.moe, cfg.model.d_ff, num_experts=4, shared_d_ff=50)
-    assert set(EXTRA) >= {"shared", "fine16", "fine32", "mi005", "nomask", "pruneafter"} and "flagship" in VARIANTS
+    assert set(EXTRA) >= {"shared", "fine16", "fine32", "mi005", "nomask", "pruneafter", "loadcap"}
+    assert "flagship" in VARIANTS and variant_config(cfg, "loadcap", 0).model.moe.mask_load_cap == 1.5
 
 
 def test_dense_total_holds_as_many_parameters_as_the_sparse_model():
