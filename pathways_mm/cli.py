@@ -501,7 +501,7 @@ def _add_ablate(sub) -> None:
         type=float,
         action="append",
         default=[],
-        help="learning-rate screen: every variant at this rate too (repeatable; give three, with --seeds 1)",
+        help="learning-rate screen: every variant at each rate given instead of train.lr (repeatable; give three, with --seeds 1)",
     )
     _add_set(a)
     a.set_defaults(func=cmd_ablate)
