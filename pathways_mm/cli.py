@@ -198,7 +198,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     def go() -> None:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out_dir) if args.out_dir else Path("runs") / f"ablate-{cfg.name}"
-        run_ablation(cfg, args.seeds, out, tuple(args.variant), say=lambda s: print(s, file=sys.stderr))
+        say = lambda s: print(s, file=sys.stderr)  # noqa: E731
+        run_ablation(cfg, args.seeds, out, tuple(args.variant), say=say, lrs=tuple(args.lr))
 
     return run_guarded(go)
 
@@ -496,6 +497,13 @@ def _add_ablate(sub) -> None:
     a.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     a.add_argument("--variant", action="append", default=[], metavar="NAME", help="only this variant (repeatable)")
     a.add_argument("--out-dir", help="results folder (default: runs/ablate-NAME); rerun to continue")
+    a.add_argument(
+        "--lr",
+        type=float,
+        action="append",
+        default=[],
+        help="learning-rate screen: every variant at each rate given instead of train.lr (repeatable; give three, with --seeds 1)",
+    )
     _add_set(a)
     a.set_defaults(func=cmd_ablate)
 

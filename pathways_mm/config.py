@@ -30,6 +30,9 @@ class MoEConfig:
     num_experts: int = 0
     top_k: int = 2
     expert_d_ff: int | None = None  # hidden size of each expert; null = model.d_ff
+    # Hidden size of a shared expert: a dense SwiGLU beside the routed experts that every token
+    # passes through (DeepSeekMoE); trunk like attention, never masked or cut by an export. 0 = none.
+    shared_d_ff: int = 0
     moe_every: int = 2
     capacity_factor: float | None = None  # null = dropless
     eval_capacity_factor: float | None = None  # null = same as capacity_factor
@@ -62,6 +65,9 @@ class MoEConfig:
     mask_step: int = 0
     mask_window: int = 100
     mask_max_experts: int | None = None
+    # > 0: choose the masks with the load in view: no expert gets more than this many times its
+    # fair share of the tallied routes (tasks choose in turn, skipping full experts). 0 = off.
+    mask_load_cap: float = 0.0
 
 
 # How a layer runs or trains, not what a trained layer computes: a checkpoint loads whatever
@@ -80,6 +86,7 @@ MOE_RUNTIME_KEYS = (
     "mask_step",
     "mask_window",
     "mask_max_experts",
+    "mask_load_cap",
 )
 
 
@@ -528,6 +535,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.moe.num_experts": (0, 4096),
     "model.moe.top_k": (1, 4096),
     "model.moe.expert_d_ff": (1, 1 << 20),
+    "model.moe.shared_d_ff": (0, 1 << 20),
     "model.moe.moe_every": (1, 1024),
     "model.moe.ep_size": (1, 4096),
     "model.moe.capacity_factor": (0, 1e4),
@@ -539,6 +547,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.moe.mask_step": (0, _MANY),
     "model.moe.mask_window": (1, _MANY),
     "model.moe.mask_max_experts": (1, 4096),
+    "model.moe.mask_load_cap": (0, 4096),
     "model.moe.router_jitter": (0, 1),
     "model.vision.image_size": (1, 4096),
     "model.vision.patch_size": (1, 4096),

@@ -2,7 +2,8 @@
 
 The schema (docs/routes.md): format/version, the model's identity, the checkpoint, the data
 that was counted, task and modality names, and per MoE layer the counts of routes (task,
-modality, expert), dropped routes, tokens and summed gate entropy. `training.routes` writes
+modality, expert), dropped routes, tokens by their top-1 expert ("top1"; files written before it
+lack it and still load), tokens and summed gate entropy. `training.routes` writes
 them from route telemetry; `viz` reads them. No torch here: drawing needs none.
 """
 
@@ -24,12 +25,17 @@ from pathways_mm.tasks.base import MODALITIES
 FORMAT = "pathways-mm-routes"
 VERSION = 1
 ENTROPY_SCALE = 1_000_000  # route telemetry counts gate entropy in micro-nats (integers sum exactly)
+# Model keys added after routes files were first written, at the value that gives the older model:
+# left out of the hash there, so a model that does not use them keeps the hash it always had.
+_LATER_KEYS = {"shared_d_ff": 0}
 
 
 def model_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """The model a routes file describes; `hash` ignores how MoE layers run (impl, ep_size, ...)."""
     model = to_dict(cfg.model)
-    shape = {**model, "moe": {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS}}
+    later_at_default = {k for k, v in _LATER_KEYS.items() if model["moe"].get(k) == v}
+    moe = {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS and k not in later_at_default}
+    shape = {**model, "moe": moe}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
     return {"name": cfg.name, "hash": digest, "num_blocks": cfg.model.n_layers, "config": model}
 
@@ -41,8 +47,9 @@ def document(
     checkpoint: dict[str, Any],
     data: dict[str, Any],
 ) -> dict[str, Any]:
-    """The routes JSON from (block, route_counts [2, tasks, modalities, experts], token_stats
-    [2, tasks, modalities]) per MoE layer: nested lists or anything with `.tolist()`."""
+    """The routes JSON from (block, route_counts [2 or 3, tasks, modalities, experts]: routes,
+    dropped, top-1; token_stats [2, tasks, modalities]) per MoE layer: nested lists or anything
+    with `.tolist()`."""
     n = len(task_names)
     out = []
     for block, counts, stats in layers:
@@ -58,6 +65,8 @@ def document(
                 "entropy_sum": [[v / ENTROPY_SCALE for v in row] for row in stats[1][:n]],
             }
         )
+        if len(counts) > 2:
+            out[-1]["top1"] = counts[2][:n]
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -147,6 +156,8 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
                 ("entropy_sum", (n, m)),
             ):
                 _grid(layer.get(key), want, f"block {block} {key}")
+            if "top1" in layer:  # optional: older files have no top-1 counts
+                _grid(layer["top1"], (n, m, e), f"block {block} top1")
     except ValueError as e:
         raise ConfigError(f"{p}: not a valid routes file ({e})") from None
     return doc

@@ -43,6 +43,20 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     )
 
 
+class SharedExpert(nn.Module):
+    """A dense SwiGLU that every token of an MoE layer passes through, beside the routed experts
+    (DeepSeekMoE's shared expert). Trunk: no expert tags, never masked, kept by every export."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_TD)) * self.w3(x_TD))
+
+
 class GroupedExperts(nn.Module):
     """`num_local_experts` SwiGLU experts with stacked weights tagged for DeepSpeed's expert groups.
 

@@ -17,22 +17,54 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from pathways_mm.config import ModelConfig
-from pathways_mm.routing import telemetry
+from pathways_mm.routing import objectives, telemetry
 from pathways_mm.routing.dispatch import CapacityDispatch, Dispatcher, DispatchPlan, DroplessDispatch
-from pathways_mm.routing.experts import GroupedExperts
+from pathways_mm.routing.experts import GroupedExperts, SharedExpert
 from pathways_mm.routing.router import RouterOutput, TaskRouter
 
 IMPLS = ("grouped", "deepspeed")
 # MoEConfig keys that are keyword arguments of the same name: of PathwaysMoE, of its TaskRouter.
-LAYER_KEYS = ("ep_size", "impl", "capacity_factor", "eval_capacity_factor", "balance_coef", "mi_coef", "z_loss_coef")
-ROUTER_KEYS = ("balance", "task_prior", "debug_route_to", "mask_mass", "mask_step", "mask_window", "mask_max_experts")
+LAYER_KEYS = (
+    "ep_size",
+    "impl",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "balance_coef",
+    "mi_coef",
+    "z_loss_coef",
+    "shared_d_ff",
+)
+ROUTER_KEYS = (
+    "balance",
+    "task_prior",
+    "debug_route_to",
+    "mask_mass",
+    "mask_step",
+    "mask_window",
+    "mask_max_experts",
+    "mask_load_cap",
+)
 
 
 class MoEOutput(NamedTuple):
     out: torch.Tensor  # [B, L, D]
-    aux_loss: torch.Tensor  # balance_coef * balance + mi_coef * mi + z_loss_coef * z
+    aux_loss: torch.Tensor  # sum of weight * objective (routing.objectives); 0 when every weight is 0
     route: RouterOutput
     num_dropped: torch.Tensor  # scalar, routes over capacity (always 0 on the dropless path)
+    # Detached scalars for the training log: each computed objective (unweighted), "dropped" (routes
+    # over capacity) and, with a shared expert, "routed_share" (see `routed_share`).
+    stats: dict[str, torch.Tensor]
+
+
+def routed_share(routed_TD: torch.Tensor, shared_TD: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of ||routed|| / (||routed|| + ||shared||): near 0 when the shared expert
+    carries the layer and the routed experts have stopped mattering."""
+    r_T, s_T = routed_TD.float().norm(dim=-1), shared_TD.float().norm(dim=-1)
+    share_T = r_T / (r_T + s_T).clamp(min=1e-12)
+    if valid_T is None:
+        return share_T.mean()
+    w_T = valid_T.float()
+    return (share_T * w_T).sum() / w_T.sum().clamp(min=1.0)
 
 
 class _MoEParts(nn.Module):
@@ -73,11 +105,14 @@ class PathwaysMoE(MoE):
         balance_coef: float = 0.01,
         mi_coef: float = 0.0,
         z_loss_coef: float = 0.001,
+        shared_d_ff: int = 0,
         use_grouped_mm: bool | None = None,
         **router: Any,
     ):
-        """router: the TaskRouter's keyword arguments (balance, task_prior, jitter, debug_route_to,
-        groups, mask_mass, mask_step, mask_window, mask_max_experts)."""
+        """shared_d_ff > 0: a dense SwiGLU of that width beside the routed experts, which every token
+        passes through (trunk, like attention: never masked or cut by an export).
+        router: the TaskRouter's keyword arguments (balance, task_prior, jitter, debug_route_to,
+        groups, mask_mass, mask_step, mask_window, mask_max_experts, mask_load_cap)."""
         # MoE.__init__ is skipped on purpose: it builds DeepSpeed's TopKGate and deep-copied Experts,
         # which this layer replaces. The attributes DeepSpeed's engine reads are set here instead.
         nn.Module.__init__(self)
@@ -94,10 +129,14 @@ class PathwaysMoE(MoE):
         self.num_local_experts = num_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
-        self.balance_coef, self.mi_coef, self.z_loss_coef = balance_coef, mi_coef, z_loss_coef
-        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, **router)
+        self.weights = {"balance": balance_coef, "mi": mi_coef, "z": z_loss_coef}
+        assert set(self.weights) == set(objectives.OBJECTIVES), "a routing objective without its weight"
+        gate = TaskRouter(d_model, num_experts, max_tasks, top_k, weights=self.weights, **router)
         experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name, use_grouped_mm)
         self.deepspeed_moe = _MoEParts(gate, experts)
+        # Named without "expert": DeepSpeed moves every MoE state key containing it to expert files,
+        # and this FFN is an ordinary data-parallel parameter on every rank.
+        self.shared = SharedExpert(d_model, shared_d_ff) if shared_d_ff > 0 else None
         self.dispatcher: Dispatcher = (
             DroplessDispatch(num_experts, ep_size)
             if impl == "grouped"
@@ -151,6 +190,13 @@ class PathwaysMoE(MoE):
     def combine(self, y_local: torch.Tensor, plan: DispatchPlan, route: RouterOutput) -> torch.Tensor:
         return self.dispatcher.combine(y_local, plan, route, self._group())
 
+    def aux(self, route: RouterOutput, plan: DispatchPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the computed objectives, and the layer's numbers for the log."""
+        stats = {name: v.detach() for name, v in route.losses.items()}
+        stats["dropped"] = plan.num_dropped.detach().float()
+        total = objectives.weighted_sum(route.losses, self.weights)
+        return (route.probs_TE.new_zeros(()) if total is None else total), stats
+
     def forward(  # type: ignore[override]
         self, x_BLD: torch.Tensor, task_ids_BL: torch.Tensor, modality_ids_BL: torch.Tensor | None = None
     ) -> MoEOutput:
@@ -159,15 +205,18 @@ class PathwaysMoE(MoE):
         x_TD = x_BLD.reshape(-1, x_BLD.shape[-1])
         task_T = task_ids_BL.reshape(-1)
         modality_T = None if modality_ids_BL is None else modality_ids_BL.reshape(-1)
-        route = self.route(x_TD, task_T, None if modality_T is None else modality_T >= 0)
+        valid_T = None if modality_T is None else modality_T >= 0
+        route = self.route(x_TD, task_T, valid_T)
         x_local, plan = self.dispatch(x_TD, route)
         telemetry.record(self, route.indices_TK, route.probs_TE, task_T, modality_T, plan.dropped_TK)
         y_local = self.compute(x_local, plan)
         out_TD = self.combine(y_local, plan, route)
-        aux = self.balance_coef * route.balance_loss + self.z_loss_coef * route.z_loss
-        if self.mi_coef:  # skipped at 0, so a model without it trains bit for bit as before
-            aux = aux + self.mi_coef * route.mi_loss
-        return MoEOutput(out_TD.view_as(x_BLD), aux, route, plan.num_dropped)
+        aux, stats = self.aux(route, plan)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            stats["routed_share"] = routed_share(out_TD.detach(), shared_TD.detach(), valid_T)
+            out_TD = out_TD + shared_TD
+        return MoEOutput(out_TD.view_as(x_BLD), aux, route, plan.num_dropped, stats)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, PathwaysMoE]]:

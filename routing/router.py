@@ -13,6 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pathways_mm.routing import objectives
+from pathways_mm.routing.objectives import RouteBatch
+
 BALANCES = ("per_task", "global")
 
 
@@ -20,80 +23,8 @@ class RouterOutput(NamedTuple):
     indices_TK: torch.Tensor  # [tokens, k] int64 expert ids, best first
     weights_TK: torch.Tensor  # [tokens, k] float32 combine weights, softmax over the chosen k
     probs_TE: torch.Tensor  # [tokens, experts] float32 softmax over allowed experts (telemetry)
-    balance_loss: torch.Tensor  # scalar, Switch loss per task ("per_task") or over all tokens ("global")
-    mi_loss: torch.Tensor  # scalar, -I(task; expert) of the batch's router probabilities, nats
-    z_loss: torch.Tensor  # scalar, mean logsumexp(logits)^2
-
-
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
-    if logits_TE.shape[0] == 0:
-        return logits_TE.sum() * 0.0
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
-
-
-def per_task_balance_loss(
-    probs_TE: torch.Tensor,
-    indices_TK: torch.Tensor,
-    task_T: torch.Tensor,
-    num_tasks: int,
-    valid_T: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Switch load-balance loss E * sum_e f_e * P_e computed per task, averaged over tasks present.
-
-    f_e is the fraction of a task's routes (tokens x k) sent to expert e, P_e the task's mean
-    router probability for e. Averaging per task keeps a big task from hiding a small one's
-    collapse, but it also spreads every task over every expert: no task can own a pathway.
-    valid_T: 0/1 per token (padding 0); None counts every token. Uses scatter-adds, not boolean
-    indexing, so nothing syncs with the host.
-    """
-    T, E = probs_TE.shape
-    k = indices_TK.shape[1]
-    w_T = probs_TE.new_ones(T) if valid_T is None else valid_T.to(probs_TE.dtype)
-    tokens_M = probs_TE.new_zeros(num_tasks).index_add_(0, task_T, w_T)
-    routes_ME = probs_TE.new_zeros(num_tasks * E)
-    flat_ME = (task_T[:, None] * E + indices_TK).reshape(-1)
-    routes_ME = routes_ME.index_add_(0, flat_ME, w_T.repeat_interleave(k)).view(num_tasks, E)
-    prob_sum_ME = probs_TE.new_zeros(num_tasks, E).index_add(0, task_T, probs_TE * w_T[:, None])
-    denom_M = tokens_M.clamp(min=1.0)
-    f_ME = routes_ME / (denom_M[:, None] * k)
-    p_ME = prob_sum_ME / denom_M[:, None]
-    loss_M = E * (f_ME * p_ME).sum(-1)
-    present_M = (tokens_M > 0).to(probs_TE.dtype)
-    return (loss_M * present_M).sum() / present_M.sum().clamp(min=1.0)
-
-
-def global_balance_loss(
-    probs_TE: torch.Tensor, indices_TK: torch.Tensor, valid_T: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Switch load-balance loss over all tokens regardless of task (the per-task loss with one task)."""
-    task_T = torch.zeros(probs_TE.shape[0], dtype=torch.long, device=probs_TE.device)
-    return per_task_balance_loss(probs_TE, indices_TK, task_T, 1, valid_T)
-
-
-def _entropy(p_XE: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row; the clamp keeps the gradient finite at p = 0 (masked experts, absent tasks)."""
-    return -(p_XE * p_XE.clamp(min=1e-12).log()).sum(-1)
-
-
-def mutual_information_loss(
-    probs_TE: torch.Tensor, task_T: torch.Tensor, num_tasks: int, valid_T: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mod-Squad's MI loss, -(H(E) - sum_t p(t) H(E | t)), from this batch's router probabilities (nats).
-
-    p(e | t) is the mean router probability over task t's tokens, p(t) the task's share of the
-    tokens and p(e) = sum_t p(t) p(e | t). Minimising it balances experts over all tokens (high
-    H(E)) while each task concentrates on few of them (low H(E | t)): task-specific pathways over
-    a balanced pool. Lies in [-min(H(T), ln E), 0].
-    """
-    T, E = probs_TE.shape
-    w_T = probs_TE.new_ones(T) if valid_T is None else valid_T.to(probs_TE.dtype)
-    tokens_M = probs_TE.new_zeros(num_tasks).index_add(0, task_T, w_T)
-    prob_sum_ME = probs_TE.new_zeros(num_tasks, E).index_add(0, task_T, probs_TE * w_T[:, None])
-    p_M = tokens_M / tokens_M.sum().clamp(min=1.0)
-    p_e_given_t_ME = prob_sum_ME / tokens_M.clamp(min=1.0)[:, None]
-    p_E = (p_M[:, None] * p_e_given_t_ME).sum(0)
-    return (p_M * _entropy(p_e_given_t_ME)).sum() - _entropy(p_E)
+    # Objective name -> unweighted scalar (routing.objectives): only those with a non-zero weight.
+    losses: dict[str, torch.Tensor]
 
 
 def fewest_covering(
@@ -116,6 +47,51 @@ def fewest_covering(
     return torch.where((total_M > 0)[:, None], chosen_ME, allowed_ME)
 
 
+@torch.no_grad()
+def load_capped_covering(
+    counts_ME: torch.Tensor,
+    allowed_ME: torch.Tensor,
+    mass: float,
+    min_experts: int,
+    max_experts: int,
+    cap: float,
+) -> torch.Tensor:
+    """`fewest_covering` with the load in view: no expert takes more than `cap` x its fair share
+    of all counted routes (sum / experts), so the masks do not pile every task onto the same few.
+
+    Tasks choose in turn, the largest first, each going down its own preference list: an expert
+    whose load (the routes the tasks that kept it sent it in `counts_ME`) would pass the cap is
+    skipped, until the task's kept experts carry `mass` of its routes or it holds `max_experts`.
+    A task short of `min_experts` then takes its most preferred skipped experts. One host sync:
+    it runs once per training run.
+    """
+    counts, allowed = counts_ME.double().cpu(), allowed_ME.cpu()
+    M, E = counts.shape
+    limit = cap * counts.sum().item() / E
+    load = torch.zeros(E, dtype=torch.float64)
+    chosen = allowed.clone()
+    total_M = counts.sum(1)
+    for t in sorted(range(M), key=lambda t: -total_M[t].item()):
+        if total_M[t] <= 0:
+            continue  # no routes counted: the task keeps its row
+        prefs = [e for e in counts[t].argsort(descending=True, stable=True).tolist() if allowed[t, e]]
+        keep, skipped, covered = [], [], 0.0
+        for e in prefs:
+            if covered >= mass * total_M[t].item() - 1e-9 and len(keep) >= min_experts or len(keep) == max_experts:
+                break
+            if load[e] + counts[t, e] > limit and load[e] > 0:
+                skipped.append(e)
+                continue
+            keep.append(e)
+            covered += counts[t, e].item()
+        keep += skipped[: max(0, min_experts - len(keep))]
+        for e in keep:
+            load[e] += counts[t, e]
+        chosen[t] = False
+        chosen[t, keep] = True
+    return chosen.to(allowed_ME.device)
+
+
 class TaskRouter(nn.Module):
     """logits = x·W_r + P[task], masked to the task's allowed experts; top-k, softmax over the k.
 
@@ -127,7 +103,10 @@ class TaskRouter(nn.Module):
     the `mask_window` training forwards that end with forward `mask_step`, then restricts every
     task to the fewest experts carrying `mask_mass` of them (at least top_k, at most
     `mask_max_experts`; see `restrict_to_routes`). A task then reaches only those experts, so its
-    exported sub-network holds only them.
+    exported sub-network holds only them. mask_load_cap > 0 chooses them with the load in view
+    (`load_capped_covering`): no expert gets more than that many times its fair share.
+    weights: objective name -> weight (routing.objectives); objectives at weight 0 are not computed.
+    None computes every objective (a bare router, as in tests).
     """
 
     def __init__(
@@ -146,6 +125,8 @@ class TaskRouter(nn.Module):
         mask_step: int = 0,
         mask_window: int = 100,
         mask_max_experts: int | None = None,
+        mask_load_cap: float = 0.0,
+        weights: dict[str, float] | None = None,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -162,6 +143,7 @@ class TaskRouter(nn.Module):
         # but is multiplied by 0, so it gets zero gradients and loads like any other.
         self.prior_scale = 1.0 if task_prior else 0.0
         self.jitter, self.debug_route_to = jitter, debug_route_to
+        self.weights = weights
         self.groups = tuple(groups)  # blocks of experts scored by separate matmuls (see `token_logits`)
         self.wg = nn.Linear(d_model, num_experts, bias=False)
         # Pathway priors start at zero so every task begins from the shared token router.
@@ -172,6 +154,7 @@ class TaskRouter(nn.Module):
         # experts the layer still holds; the router scores all experts, then keeps these.
         self.register_buffer("kept", None)
         self.mask_mass, self.mask_step, self.mask_window = mask_mass, mask_step, mask_window
+        self.mask_load_cap = mask_load_cap
         self.mask_max_experts = num_experts // 2 if mask_max_experts is None else mask_max_experts
         if mask_mass > 0:
             if not (
@@ -202,7 +185,11 @@ class TaskRouter(nn.Module):
     def restrict_to_routes(self, counts_ME: torch.Tensor) -> None:
         """Allow each task only the fewest experts carrying `mask_mass` of its routes in `counts_ME`
         ([max_tasks, experts]); tasks without routes keep their mask."""
-        self.allowed.copy_(fewest_covering(counts_ME, self.allowed, self.mask_mass, self.top_k, self.mask_max_experts))
+        args = (counts_ME, self.allowed, self.mask_mass, self.top_k, self.mask_max_experts)
+        if self.mask_load_cap > 0:
+            self.allowed.copy_(load_capped_covering(*args, self.mask_load_cap))
+        else:
+            self.allowed.copy_(fewest_covering(*args))
 
     def logits(self, x_TD: torch.Tensor, task_T: torch.Tensor) -> torch.Tensor:
         """Masked float32 router logits [tokens, experts]."""
@@ -239,14 +226,11 @@ class TaskRouter(nn.Module):
             T = x_TD.shape[0]
             indices_TK = torch.full((T, self.top_k), self.debug_route_to, dtype=torch.long, device=x_TD.device)
             weights_TK = probs_TE.new_full((T, self.top_k), 1.0 / self.top_k)
-        if self.balance == "per_task":
-            balance = per_task_balance_loss(probs_TE, indices_TK, task_T, self.max_tasks)
-        else:
-            balance = global_balance_loss(probs_TE, indices_TK, valid_T)
-        mi = mutual_information_loss(probs_TE, task_T, self.max_tasks, valid_T)
+        batch = RouteBatch(logits_TE, probs_TE, indices_TK, task_T, valid_T, self.max_tasks, self.balance)
+        losses = objectives.compute(batch, self.weights)
         if self.training and self.mask_mass > 0 and self.kept is None:
             self._tally(indices_TK, task_T, valid_T)
-        return RouterOutput(indices_TK, weights_TK, probs_TE, balance, mi, z_loss(logits_TE))
+        return RouterOutput(indices_TK, weights_TK, probs_TE, losses)
 
     @torch.no_grad()
     def _tally(self, indices_TK: torch.Tensor, task_T: torch.Tensor, valid_T: torch.Tensor | None) -> None:

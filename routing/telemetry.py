@@ -3,8 +3,9 @@
 While telemetry is on, every PathwaysMoE holds two int64 buffers (non-persistent: never in a
 checkpoint) that its forward adds to with scatter-adds only, so nothing syncs with the host:
 
-  route_counts [2, max_tasks, modalities, experts]: [0] routes (token, chosen expert) assigned,
-               [1] the subset dropped over capacity (always 0 on the dropless path)
+  route_counts [3, max_tasks, modalities, experts]: [0] routes (token, chosen expert) assigned,
+               [1] the subset dropped over capacity (always 0 on the dropless path),
+               [2] tokens by their top-1 expert (the first of their k)
   token_stats  [2, max_tasks, modalities]: [0] tokens, [1] gate entropy summed over those
                tokens, in micro-nats
 
@@ -34,7 +35,7 @@ class LayerCounts(NamedTuple):
     """One MoE layer's counters (device tensors, int64)."""
 
     block: int  # index of the decoder block whose FFN this is
-    route_counts: torch.Tensor  # [2, max_tasks, modalities, experts]: assigned, dropped
+    route_counts: torch.Tensor  # [3, max_tasks, modalities, experts]: assigned, dropped, top-1
     token_stats: torch.Tensor  # [2, max_tasks, modalities]: tokens, entropy micro-nats
 
 
@@ -59,7 +60,7 @@ def enable(model: nn.Module, on: bool = True) -> int:
         if on:
             dev = m.router.wg.weight.device
             tasks, experts = m.router.max_tasks, m.num_experts
-            m.route_counts = torch.zeros(2, tasks, NUM_MODALITIES, experts, dtype=torch.long, device=dev)
+            m.route_counts = torch.zeros(3, tasks, NUM_MODALITIES, experts, dtype=torch.long, device=dev)
             m.token_stats = torch.zeros(2, tasks, NUM_MODALITIES, dtype=torch.long, device=dev)
         else:
             m.route_counts = m.token_stats = None
@@ -121,6 +122,7 @@ def record(
     layer.route_counts[0].view(-1).index_add_(0, flat_N, valid_N)
     if dropped_TK is not None:
         layer.route_counts[1].view(-1).index_add_(0, flat_N, valid_N * dropped_TK.reshape(-1).long())
+    layer.route_counts[2].view(-1).index_add_(0, cell_T * E + indices_TK[:, 0], valid_T)
     # entr(0) = 0: experts masked off for a task (probability 0) add nothing.
     entropy_T = torch.special.entr(probs_TE.float()).sum(-1).double()
     micro_T = (entropy_T * ENTROPY_SCALE).round().long() * valid_T

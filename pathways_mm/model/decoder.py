@@ -21,6 +21,8 @@ from pathways_mm.model.layers import ParallelBlock, SwiGLU, attention_mask, rope
 class DecoderOutput(NamedTuple):
     logits: torch.Tensor  # [B, L, V], or [N, V] at the N positions of `logits_at`
     aux_loss: torch.Tensor  # scalar, sum over layers (0 for a dense model)
+    # "block{i}/{name}" -> detached scalar: each MoE layer's routing objectives, dropped routes, ...
+    stats: dict[str, torch.Tensor]
 
 
 FFNFactory = Callable[[int, ModelConfig], nn.Module]
@@ -91,11 +93,13 @@ class Decoder(nn.Module):
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         task_ids_BL = task_ids_B[:, None].expand(B, L)  # every token carries its task to the routers
         aux_total = x.new_zeros(())
+        stats: dict[str, torch.Tensor] = {}
         slot_B = self.adapter_slot[task_ids_B] if self.cfg.adapter_tasks else None
-        for block in self.blocks:
-            x, aux = block(x, cos, sin, mask, task_ids_BL, modality_ids_BL, slot_B)
-            if aux is not None:
-                aux_total = aux_total + aux
+        for i, block in enumerate(self.blocks):
+            x, ffn_out = block(x, cos, sin, mask, task_ids_BL, modality_ids_BL, slot_B)
+            if ffn_out.aux_loss is not None:
+                aux_total = aux_total + ffn_out.aux_loss
+            stats.update({f"block{i}/{name}": v for name, v in ffn_out.stats.items()})
         if logits_at_BL is not None:
             x = x[logits_at_BL]  # [N, D]
         h = self.norm(x)
@@ -105,4 +109,4 @@ class Decoder(nn.Module):
             slot_N = slot_BL[logits_at_BL] if logits_at_BL is not None else slot_BL.reshape(-1)
             logits = self.lm_adapter.rows(h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1]), slot_N)
             logits = logits.view(*h.shape[:-1], -1)
-        return DecoderOutput(logits, aux_total)
+        return DecoderOutput(logits, aux_total, stats)

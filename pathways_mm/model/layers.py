@@ -2,15 +2,16 @@
 
 Every block computes `y = x + attn(norm(x)) + ffn(norm(x))` (PaLM). The FFN is a swappable
 part: any module whose forward takes `(x_BLD, task_ids_BL, modality_ids_BL)` and returns an
-object with `.out` ([B, L, D]) and `.aux_loss` (a scalar added to the training loss, or None),
-such as `SwiGLU` here or `routing.PathwaysMoE`.
+object with `.out` ([B, L, D]), `.aux_loss` (a scalar added to the training loss, or None) and
+`.stats` (detached scalars by name for the training log), such as `SwiGLU` here or
+`routing.PathwaysMoE`.
 
 Shape suffixes: B batch, L positions, D d_model, H heads, d head dimension, F FFN hidden.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from pathways_mm.model.adapters import TaskFFN, task_lora
 class FFNOutput(NamedTuple):
     out: torch.Tensor  # [B, L, D]
     aux_loss: torch.Tensor | None  # scalar added to the training loss (MoE balance, z-loss)
+    stats: dict[str, torch.Tensor] = {}  # detached scalars for the training log (an MoE layer's objectives)
 
 
 class SwiGLU(nn.Module):
@@ -119,13 +121,14 @@ class ParallelBlock(nn.Module):
 
     def forward(
         self, x_BLD, cos, sin, mask, task_ids_BL, modality_ids_BL=None, slot_B=None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, Any]:
+        """Returns (y, the FFN's output: its `.aux_loss` and `.stats` for the caller)."""
         h = self.norm(x_BLD)
         ffn_out = self.ffn(h, task_ids_BL, modality_ids_BL)
         y = x_BLD + self.attn(h, cos, sin, mask, slot_B) + ffn_out.out
         if self.adapter is not None and slot_B is not None:
             y = self.adapter(h, y, slot_B)
-        return y, ffn_out.aux_loss
+        return y, ffn_out
 
 
 def attention_mask(prefix_len_B: torch.Tensor | None, L: int, device: torch.device) -> torch.Tensor | None:

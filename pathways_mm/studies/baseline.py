@@ -24,16 +24,17 @@ from pathways_mm.training.loop import run, run_files
 
 
 def dense_counterpart(m: ModelConfig) -> ModelConfig:
-    """The dense model whose FFNs are as wide as the experts a token visits (same active parameters)."""
+    """The dense model whose FFNs are as wide as the experts a token visits, the shared expert
+    included (same active parameters)."""
     if not m.moe.num_experts:
         return m
-    width = m.moe.top_k * (m.moe.expert_d_ff or m.d_ff)
+    width = m.moe.top_k * (m.moe.expert_d_ff or m.d_ff) + m.moe.shared_d_ff
     if m.moe.moe_every != 1 and width != m.d_ff:
         raise ConfigError(
-            f"model.moe.top_k x expert_d_ff = {width} differs from model.d_ff = {m.d_ff} while dense layers remain "
+            f"model.moe.top_k x expert_d_ff + shared_d_ff = {width} differs from model.d_ff = {m.d_ff} while dense layers remain "
             "(moe_every > 1): no single dense width matches the active parameters; make them equal"
         )
-    return dataclasses.replace(m, d_ff=width, moe=dataclasses.replace(m.moe, num_experts=0))
+    return dataclasses.replace(m, d_ff=width, moe=dataclasses.replace(m.moe, num_experts=0, shared_d_ff=0))
 
 
 def baseline_config(cfg: ExperimentConfig, task: str, share: float, out_dir: Path) -> ExperimentConfig:

@@ -100,6 +100,38 @@ class LossWindow:
         return (stats[0] / stats[1]).item(), per_task
 
 
+class StatsWindow:
+    """The model's logged numbers (`LossOutput.stats`: each MoE layer's routing objectives, dropped
+    routes, routed share) summed since the last log step, on the device; read as means per
+    micro-batch (one all-reduce) only when logging."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # [names + 1]: the sums, then the micro-batches counted
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        if not stats:
+            return
+        if not self.names:
+            self.names = sorted(stats)
+        one = torch.ones((), dtype=torch.float64, device=next(iter(stats.values())).device)
+        row = torch.stack([*(stats[n].double() for n in self.names), one])
+        self.sums = row if self.sums is None else self.sums + row
+
+    def reduce(self) -> dict[str, dict[str, float]]:
+        """{"block3": {"balance": ..., "mi": ..., "dropped": ...}, ...} over every rank (every rank
+        must call it); then the window is empty."""
+        if self.sums is None:
+            return {}
+        stats = dist.all_reduce_(self.sums.clone()).cpu()
+        self.sums = None
+        out: dict[str, dict[str, float]] = {}
+        for name, value in zip(self.names, (stats[:-1] / stats[-1]).tolist()):
+            layer, key = name.split("/", 1)
+            out.setdefault(layer, {})[key] = round(value, 6)
+        return out
+
+
 @dataclass
 class Run:
     """Everything a training run holds between its steps."""
@@ -115,6 +147,7 @@ class Run:
     start: int
     window: LossWindow
     log: Logs | None  # rank 0 only
+    stats: StatsWindow = field(default_factory=StatsWindow)  # routing objectives per MoE layer
     batches: Iterator[LoadedBatch] | None = None  # this rank's micro-batches from the DataLoader, in order
     bad: BadSamples | None = None  # samples read and skipped (data.on_bad_sample: skip)
     load: routes.LoadWindow | None = None  # expert load per task, for the loggers (TensorBoard)
@@ -309,7 +342,7 @@ def train_step(r: Run, step: int) -> None:
         r.engine.backward(out.loss)
         if micro + 1 < r.cfg.train.grad_accum:
             r.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        micro_stats.append((out.lm_loss.detach(), batch.task_ids, out.nll_B, out.num_tokens_B))
+        micro_stats.append(((out.lm_loss.detach(), batch.task_ids, out.nll_B, out.num_tokens_B), out.stats))
     faults.maybe_die("kill", done, r.rank)
     if faults.hit("nan_grad", done, r.rank):
         ds_engine.inject_nan_grad(r.engine)
@@ -318,8 +351,9 @@ def train_step(r: Run, step: int) -> None:
     if ds_engine.agree_all_finite(ds_engine.grads_finite(r.engine, out.loss)):
         r.engine.step()
         r.bad_in_a_row = 0
-        for stats in micro_stats:
-            r.window.add(*stats)
+        for losses, stats in micro_stats:
+            r.window.add(*losses)
+            r.stats.add(stats)
         return
     ds_engine.skip_step(r.engine)
     r.bad_in_a_row += 1
@@ -335,8 +369,8 @@ def train_step(r: Run, step: int) -> None:
 
 
 def log_step(r: Run, done: int) -> None:
-    """Mean loss and per-task loss (and expert load) since the last log step, over every rank, into the
-    logs (with data.on_bad_sample: skip, the bad samples too)."""
+    """Mean loss and per-task loss, each MoE layer's routing objectives (and expert load) since the
+    last log step, over every rank, into the logs (with data.on_bad_sample: skip, the bad samples too)."""
     try:
         bad = r.bad.reduce(ds_engine.device()) if r.cfg.data.on_bad_sample == "skip" else {}
     except TooManyBadSamples as e:  # every rank raises at this step: save (together), then stop
@@ -348,6 +382,7 @@ def log_step(r: Run, done: int) -> None:
     if r.window.empty:
         return
     loss, per_task = r.window.reduce(done, r.ts.table)
+    routing = r.stats.reduce()
     load = r.load.reduce(r.ts.table) if r.load is not None else None
     if r.log is not None:
         lr = r.engine.get_lr()[0]
@@ -360,7 +395,7 @@ def log_step(r: Run, done: int) -> None:
             "elapsed_s": round(time.time() - r.t0, 2),
             **bad,
         }
-        r.log.write(record | ({"expert_load": load} if load else {}))
+        r.log.write(record | ({"routing": routing} if routing else {}) | ({"expert_load": load} if load else {}))
         r.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
 
 

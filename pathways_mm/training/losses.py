@@ -21,6 +21,7 @@ class LossOutput(NamedTuple):
     aux_loss: torch.Tensor
     nll_B: torch.Tensor  # summed NLL (nats) per sample, detached
     num_tokens_B: torch.Tensor  # target tokens per sample
+    stats: dict[str, torch.Tensor]  # the model's detached numbers for the log ("block3/mi", ...)
 
 
 def forward_loss(model, batch: Batch, norm: str = "example") -> LossOutput:
@@ -42,4 +43,4 @@ def forward_loss(model, batch: Batch, norm: str = "example") -> LossOutput:
     else:
         has = num_tokens_B > 0
         lm_loss = (nll_B[has] / num_tokens_B[has]).sum() / has.sum().clamp(min=1)
-    return LossOutput(lm_loss + out.aux_loss, lm_loss, out.aux_loss, nll_B.detach(), num_tokens_B)
+    return LossOutput(lm_loss + out.aux_loss, lm_loss, out.aux_loss, nll_B.detach(), num_tokens_B, out.stats)

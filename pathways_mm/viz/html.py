@@ -212,10 +212,14 @@ def _views_html(v: Views) -> list[str]:
     experts = [str(e) for e in range(E)]
     maps = []
     for lv in v.layers:
-        rows = [f"{t} (H={_fmt(h)})" for t, h in zip(v.tasks, lv.entropy_T)]
+        rows = [
+            f"{t} (H={_fmt(h)}, Hu={_fmt(u)}, off={_fmt(o)})"
+            for t, h, u, o in zip(v.tasks, lv.entropy_T, lv.usage_entropy_T, lv.off_top_T)
+        ]
         tip = lambda i, j, x, lv=lv: (
             f"block {lv.block}, {v.tasks[i]} -> expert {j}: share {_fmt(x)}\n"  # noqa: E731
-            f"gate entropy {_fmt(lv.entropy_T[i])} nats, dropped {_fmt(lv.dropped_T[i])}"
+            f"gate entropy {_fmt(lv.entropy_T[i])} nats, usage entropy {_fmt(lv.usage_entropy_T[i])} nats, "
+            f"top-1 off the main expert {_fmt(lv.off_top_T[i])}, dropped {_fmt(lv.dropped_T[i])}"
         )
         vmax = max(0.01, float(np.nanmax(lv.share_TE, initial=0)))
         maps.append(
@@ -236,7 +240,10 @@ def _views_html(v: Views) -> list[str]:
             "heatmap",
             "Task x expert, per MoE layer",
             "Share of each task's routes (token, chosen expert) that each expert receives; rows sum to 1. "
-            "H = mean gate entropy per token (nats). I(task; expert): how much a route's task tells about its "
+            "H = mean gate entropy per token (nats: the entropy of each token's router distribution, averaged "
+            "over the task's tokens); Hu = entropy of the task's expert-usage histogram (its routes, nats); "
+            "off = share of the task's tokens whose top-1 expert is not the task's most-used expert (0: every "
+            "token of the task picks the same first expert). I(task; expert): how much a route's task tells about its "
             "expert, in bits, and its share of the most it could be, min(H(task), H(expert)); 0 = every task "
             "routes alike. I(modality; expert) likewise for modalities.",
             "<br>".join(maps),

@@ -23,6 +23,10 @@ class LayerView(NamedTuple):
     share_TE: np.ndarray  # [tasks shown, experts] share of each task's routes
     modality_ME: np.ndarray  # [modalities, experts] share of each expert's routes per modality (nan: no routes)
     entropy_T: np.ndarray  # [tasks shown] mean gate entropy per token, nats
+    usage_entropy_T: np.ndarray  # [tasks shown] entropy of the task's expert-usage histogram (its routes), nats
+    # [tasks shown] share of the task's tokens whose top-1 expert is not the expert with most of the
+    # task's routes (nan: a routes file without top-1 counts): 0 = one expert per task, not a pathway
+    off_top_T: np.ndarray
     dropped_T: np.ndarray  # [tasks shown] fraction of the task's routes dropped over capacity
     mi_task: float  # I(task; expert) of the routes, bits
     mi_task_max: float  # its largest possible value, min(H(task), H(expert)), bits
@@ -110,6 +114,8 @@ def layer_view(layer: dict[str, Any], task_ids: list[int]) -> LayerView:
         share_TE=_ratio(routes_TE, total_T[:, None]),
         modality_ME=_ratio(by_mod_ME, by_mod_ME.sum(0, keepdims=True)),
         entropy_T=_ratio(entropy_T, tokens_T),
+        usage_entropy_T=np.array([entropy_bits(row) * np.log(2) if row.sum() > 0 else np.nan for row in routes_TE]),
+        off_top_T=off_top_share(layer, task_ids, routes_TE),
         dropped_T=_ratio(dropped_T, total_T),
         # tasks without tokens have all-zero rows, so the shown tasks' routes are the whole joint
         mi_task=mutual_information(routes_TE),
@@ -117,6 +123,17 @@ def layer_view(layer: dict[str, Any], task_ids: list[int]) -> LayerView:
         mi_modality=mutual_information(by_mod_ME),
         mi_modality_max=mutual_information_max(by_mod_ME),
     )
+
+
+def off_top_share(layer: dict[str, Any], task_ids: list[int], routes_TE: np.ndarray) -> np.ndarray:
+    """[tasks] share of each task's tokens whose top-1 expert is not its most-routed expert (nan
+    without top-1 counts or tokens)."""
+    if "top1" not in layer:
+        return np.full(len(task_ids), np.nan)
+    top1_TE = np.asarray(layer["top1"], dtype=np.float64)[task_ids].sum(1)
+    most_T = routes_TE.argmax(1)
+    on_T = top1_TE[np.arange(len(task_ids)), most_T]
+    return 1.0 - _ratio(on_T, top1_TE.sum(1))
 
 
 def mi_label(bits: float, most: float, what: str) -> str:

@@ -212,3 +212,18 @@ def test_a_checkpoint_never_sets_the_user_only_keys():
     assert cfg.data.media_roots == ()
     assert stored["plugins"] == ["evil"]  # the stored copy is left as it was
     assert set(USER_ONLY_KEYS) == {"plugins", "source", "data.root", "data.media_roots", "train.ds_config"}
+
+
+def test_a_checkpoint_without_the_shared_expert_key_is_the_same_model():
+    from pathways_mm.config import MoEConfig, model_differences
+
+    model = ModelConfig(moe=MoEConfig(num_experts=4, mi_coef=0.05))
+    stored = to_dict(model)
+    del stored["moe"]["shared_d_ff"]  # written before shared experts existed
+    assert model_differences(stored, model) == []
+    shared = dataclasses.replace(model, moe=dataclasses.replace(model.moe, shared_d_ff=32))
+    assert model_differences(stored, shared) == ["model.moe.shared_d_ff"]  # a shared expert changes the model
+    reweighted = dataclasses.replace(model, moe=dataclasses.replace(model.moe, mi_coef=0.005, balance_coef=0.0))
+    assert model_differences(stored, reweighted) == []  # objective weights are runtime keys
+    with pytest.raises(ConfigError, match="model.moe.shared_d_ff"):
+        config_from_dict({"model": {"moe": {"num_experts": 4, "shared_d_ff": -1}}})

@@ -172,3 +172,54 @@ def test_build_moe_ffn_places_moe_every_nth_layer():
     kinds = [type(block_ffn(i, cfg)) for i in range(4)]
     assert kinds == [SwiGLU, PathwaysMoE, SwiGLU, PathwaysMoE]
     assert all(type(block_ffn(i, ModelConfig())) is SwiGLU for i in range(2))
+
+
+@pytest.mark.parametrize("impl", ["grouped", "deepspeed"])
+def test_shared_expert_adds_a_dense_ffn_beside_the_routed_experts(impl):
+    B, L, D, F, E, k, S = 2, 5, 16, 24, 4, 1, 24
+    routed_only = make(D, F, E, k, impl)
+    moe = make(D, F, E, k, impl, shared_d_ff=S)
+    moe.load_state_dict(routed_only.state_dict(), strict=False)  # same routed experts and router
+    dense = SwiGLU(D, S)
+    dense.load_state_dict(moe.shared.state_dict())
+    x, task = inputs(B, L, D)
+    out, ref = moe(x, task), routed_only(x, task)
+    assert out.out.shape == (B, L, D)
+    torch.testing.assert_close(out.out, ref.out + dense(x).out)
+    assert torch.equal(out.aux_loss, ref.aux_loss)  # the routing objectives ignore the shared expert
+    assert 0.0 < out.stats["routed_share"].item() < 1.0 and "routed_share" not in ref.stats
+    assert not any("expert" in key for key in moe.state_dict() if key.startswith("shared."))  # not an expert file
+    assert all(not hasattr(p, "allreduce") for p in moe.shared.parameters())  # data-parallel, like attention
+    grads(moe, x, out)
+    assert moe.shared.w2.weight.grad.abs().sum() > 0
+
+
+def test_layer_stats_name_each_objective_only_when_weighted():
+    moe = make(16, 24, 4, 2, "grouped", mi_coef=0.0, z_loss_coef=0.001)
+    x, task = inputs(2, 5, 16)
+    out = moe(x, task)
+    assert sorted(out.stats) == ["balance", "dropped", "z"]
+    torch.testing.assert_close(out.aux_loss, 0.01 * out.route.losses["balance"] + 0.001 * out.route.losses["z"])
+    off = make(16, 24, 4, 2, "grouped", balance_coef=0.0, z_loss_coef=0.0)
+    assert off(x, task).aux_loss.item() == 0.0 and off(x, task).route.losses == {}
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        dict(num_experts=8, top_k=1, expert_d_ff=192, shared_d_ff=192),  # shared + top-1
+        dict(num_experts=16, top_k=4, expert_d_ff=96),  # fine-grained
+        dict(num_experts=32, top_k=8, expert_d_ff=48),
+        dict(num_experts=16, top_k=2, expert_d_ff=96, shared_d_ff=192),  # both
+    ],
+)
+def test_equal_active_parameters_per_token(moe):
+    from pathways_mm.model.model import build_model, param_counts
+
+    flagship = ModelConfig(size="tiny", moe=MoEConfig(num_experts=8, top_k=2, expert_d_ff=192))
+    other = ModelConfig(size="tiny", moe=MoEConfig(**moe))
+    (total_a, active_a), (total_b, active_b) = (param_counts(build_model(c, 100)) for c in (flagship, other))
+    routers = 2 * (other.moe.num_experts - 8) * (other.d_model + other.max_tasks)  # router rows per MoE layer
+    assert active_b - routers == active_a
+    shared = 2 * 3 * other.d_model * other.moe.shared_d_ff
+    assert total_b - routers - shared == total_a  # the routed pool keeps its size; the shared expert is extra

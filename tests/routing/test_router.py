@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from pathways_mm.routing import TaskRouter
-from pathways_mm.routing.router import (
-    fewest_covering,
+from pathways_mm.routing.objectives import (
     global_balance_loss,
     mutual_information_loss,
     per_task_balance_loss,
     z_loss,
 )
+from pathways_mm.routing.router import fewest_covering, load_capped_covering
 from pathways_mm.viz.views import mutual_information
 
 
@@ -96,7 +96,7 @@ def test_per_task_balance_differs_from_global_when_tasks_unbalanced(num_experts,
     task = torch.tensor([0] * 90 + [1] * 10)
     out = router(torch.randn(100, 16), task)
     glob = global_balance_loss(out.probs_TE, out.indices_TK)
-    assert abs(out.balance_loss.item() - glob.item()) > 0.1
+    assert abs(out.losses["balance"].item() - glob.item()) > 0.1
     # With a single task, the per-task loss is the global one.
     one = per_task_balance_loss(out.probs_TE, out.indices_TK, torch.zeros(100, dtype=torch.long), 2)
     torch.testing.assert_close(one, glob)
@@ -118,14 +118,14 @@ def test_z_loss_hand_computed():
     with torch.no_grad():
         router.wg.weight.copy_(torch.eye(2))
     out = router(logits, torch.zeros(2, dtype=torch.long))
-    torch.testing.assert_close(out.z_loss, torch.tensor(want))
+    torch.testing.assert_close(out.losses["z"], torch.tensor(want))
 
 
 def test_router_gradients_reach_prior_and_weights():
     torch.manual_seed(0)
     router = TaskRouter(8, 4, 3, top_k=2)
     out = router(torch.randn(12, 8), torch.tensor([0, 2] * 6))
-    (out.weights_TK.square().sum() + out.balance_loss + out.z_loss).backward()
+    (out.weights_TK.square().sum() + out.losses["balance"] + out.losses["z"]).backward()
     assert router.wg.weight.grad.abs().sum() > 0
     assert router.pathway.grad[[0, 2]].abs().sum() > 0
     assert (router.pathway.grad[1] == 0).all(), "an absent task's prior got a gradient"
@@ -141,12 +141,12 @@ def test_bf16_router_picks_what_float32_math_picks_and_z_loss_shrinks_logits():
     assert torch.equal(out.indices_TK, ref)
     bf16 = torch.nn.functional.linear(x, router.wg.weight).topk(2, dim=-1).indices
     assert not torch.equal(bf16, ref)  # bf16 router math would have sent some tokens elsewhere
-    assert torch.isfinite(out.z_loss) and out.z_loss.dtype == torch.float32
-    before = out.z_loss.item()
-    out.z_loss.backward()
+    assert torch.isfinite(out.losses["z"]) and out.losses["z"].dtype == torch.float32
+    before = out.losses["z"].item()
+    out.losses["z"].backward()
     with torch.no_grad():
         router.wg.weight -= 0.01 * router.wg.weight.grad.sign()
-    assert router(x, task).z_loss.item() < before  # z-loss pulls router logits back toward zero
+    assert router(x, task).losses["z"].item() < before  # z-loss pulls router logits back toward zero
 
 
 def test_mi_loss_hand_computed():
@@ -190,7 +190,7 @@ def _train_router(balance: str, balance_coef: float, mi_coef: float, steps: int 
     task = torch.arange(2).repeat_interleave(128)
     for _ in range(steps):
         out = router(torch.randn(256, 16), task)
-        loss = balance_coef * out.balance_loss + mi_coef * out.mi_loss + 0.001 * out.z_loss
+        loss = balance_coef * out.losses["balance"] + mi_coef * out.losses["mi"] + 0.001 * out.losses["z"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -262,3 +262,56 @@ def test_route_mask_buffers_only_when_masks_are_on():
     assert "route_tally" not in TaskRouter(8, 4, 2, 2).state_dict()
     with pytest.raises(ValueError, match="mask_window"):
         TaskRouter(8, 4, 2, 2, mask_mass=0.9, mask_step=2, mask_window=5)
+
+
+def test_objectives_at_weight_zero_are_not_computed():
+    x, task = torch.randn(10, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 5)
+
+    def router(**kw):
+        torch.manual_seed(0)
+        return TaskRouter(8, 4, 2, 2, **kw)
+
+    every = router()(x, task).losses
+    assert list(every) == ["balance", "z", "mi"]  # registration order: the order the loss is summed in
+    some = router(weights={"balance": 0.01, "z": 0.001, "mi": 0.0})(x, task).losses
+    assert list(some) == ["balance", "z"]
+    torch.testing.assert_close(some["balance"], every["balance"])
+    assert TaskRouter(8, 4, 2, 2, weights={"balance": 0.0, "z": 0.0, "mi": 0.0})(x, task).losses == {}
+
+
+def test_a_routing_objective_registered_twice_is_an_error():
+    from pathways_mm.routing.objectives import register_objective
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_objective("mi", weight_key="mi_coef")(lambda r: r.probs_TE.sum())
+
+
+def test_load_capped_masks_send_a_task_past_a_full_expert():
+    counts = torch.tensor([[90, 10, 0, 0], [80, 0, 20, 0]])
+    allowed = torch.ones(2, 4, dtype=torch.bool)
+    plain = fewest_covering(counts, allowed, 0.9, 1, 2)
+    assert plain.tolist() == [[True, False, False, False], [True, False, True, False]]  # both pile onto expert 0
+    capped = load_capped_covering(counts, allowed, 0.9, 1, 2, cap=1.0)  # fair share 50 routes per expert
+    assert capped.tolist() == [[True, False, False, False], [False, True, True, False]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_unreachable_load_cap_gives_the_fewest_covering_masks(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 50, (5, 8), generator=g)
+    counts[3] = 0  # a task without routes keeps its row
+    allowed = torch.rand(5, 8, generator=g) > 0.2
+    allowed[:, :2] = True
+    want = fewest_covering(counts, allowed, 0.8, 2, 4)
+    assert torch.equal(load_capped_covering(counts, allowed, 0.8, 2, 4, cap=1e9), want)
+
+
+def test_router_restricts_with_the_load_cap_at_its_mask_step():
+    router = TaskRouter(4, 4, 2, 1, mask_mass=0.9, mask_step=1, mask_window=1, mask_load_cap=1.0)
+    with torch.no_grad():
+        router.wg.weight.zero_()
+        router.pathway.copy_(torch.tensor([[5.0, 0, 0, 0], [4.0, 0, 3.0, 0]]))  # both tasks prefer expert 0
+    router.train()
+    router(torch.zeros(8, 4), torch.tensor([0] * 4 + [1] * 4))
+    assert router.allowed[0].tolist() == [True, False, False, False]
+    assert not router.allowed[1, 0] and router.allowed[1].sum() == 2  # expert 0 is full: task 1 goes elsewhere

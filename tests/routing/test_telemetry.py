@@ -39,6 +39,8 @@ def test_counts_match_a_loop_over_tokens_and_skip_padding(impl, capacity, E, k):
     ref = reference_counts(out.route, task_T, mods_T, E)
     assert torch.equal(moe.route_counts[0, :3], ref)
     assert moe.route_counts[1].sum() == 0  # nothing dropped
+    first = out.route._replace(indices_TK=out.route.indices_TK[:, :1])  # each token's top-1 expert
+    assert torch.equal(moe.route_counts[2, :3], reference_counts(first, task_T, mods_T, E))
     valid = mods_T >= 0
     tokens = torch.zeros(3, 3, dtype=torch.long).index_put_(
         (task_T[valid], mods_T[valid]), torch.ones(int(valid.sum()), dtype=torch.long), accumulate=True

@@ -47,13 +47,24 @@ def base_run(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory, data_dir):
+    """The base run with a shared expert (model.moe.shared_d_ff) beside the routed ones: trunk."""
+    out = tmp_path_factory.mktemp("addtask") / "shared"
+    args = [*sets("train.steps=6", "model.moe.shared_d_ff=48"), *QUICK, *sets(f"train.out_dir={out}")]
+    res = run_cli(["train", MOE_CFG, *args], data_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
 def _files(run_dir):
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grow", [0, 2])
-def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("grow,source", [(0, "base_run"), (2, "base_run"), (2, "shared_run")])
+def test_old_tasks_bit_identical_after_add_task(grow, source, request, tmp_path, data_dir, monkeypatch):
+    base_run = request.getfixturevalue(source)
     monkeypatch.setenv("PMM_DATA", str(data_dir))
     before_files = _files(base_run)
     out = tmp_path / f"plus{grow}"
@@ -110,6 +121,9 @@ def test_old_tasks_bit_identical_after_add_task(grow, base_run, tmp_path, data_d
             assert res.returncode == 0, res.stderr[-3000:]
             sub, info = load_export(tmp_path / task)
             assert info["config"]["model"]["adapter_tasks"] == slots and info["parity"]["logits_bit_identical"]
+            if source == "shared_run":  # the shared expert is trunk: every export keeps it whole
+                assert info["config"]["model"]["moe"]["shared_d_ff"] == 48
+                assert all(layer.shared.w1.weight.shape == (48, 64) for _, layer in pathways.moe_layers(sub))
             assert info["params_export"] < info["params_full"]
             if task == "text_arith":  # an old task never reaches the experts grown for digit_image
                 assert all(max(ids) < 4 for ids in info["kept_experts"].values())

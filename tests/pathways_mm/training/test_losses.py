@@ -23,7 +23,7 @@ class _FixedNLL(torch.nn.Module):
         z_N = torch.log(p_N * (V - 1) / (1 - p_N))
         logits_NV = torch.zeros(len(z_N), V, dtype=torch.float64)
         logits_NV[:, 0] = z_N
-        return SimpleNamespace(logits=logits_NV, aux_loss=torch.zeros((), dtype=torch.float64))
+        return SimpleNamespace(logits=logits_NV, aux_loss=torch.zeros((), dtype=torch.float64), stats={})
 
 
 @pytest.mark.parametrize("norm", ["example", "token", "sqrt"])

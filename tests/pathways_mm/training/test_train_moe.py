@@ -39,13 +39,26 @@ def test_zero3_with_moe_is_refused(tmp_path, data_dir):
 def test_moe_trains_in_one_process(tmp_path, data_dir):
     out = tmp_path / "moe"
     res = run_cli(
-        ["train", MOE_CFG, *sets("train.steps=4", "eval.max_samples=4", f"train.out_dir={out}")],
+        [
+            "train",
+            MOE_CFG,
+            *sets("train.steps=4", "eval.max_samples=4", f"train.out_dir={out}", "train.log_every=2"),
+            *sets("model.moe.shared_d_ff=32", "model.moe.mi_coef=0.01", "train.log_to=[jsonl,csv]"),
+        ],
         data_dir,
     )
     assert res.returncode == 0, res.stderr
     assert "M active" in res.stderr
-    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
-    assert losses and all(v == v for v in losses)  # finite (NaN != NaN)
+    logged = [r for r in read_metrics(out) if "loss" in r]
+    assert logged and all(r["loss"] == r["loss"] for r in logged)  # finite (NaN != NaN)
+    # Each MoE layer's objectives (unweighted), dropped routes and the routed experts' share, per log step.
+    for r in logged:
+        assert sorted(r["routing"]) == ["block1"]
+        layer = r["routing"]["block1"]
+        assert sorted(layer) == ["balance", "dropped", "mi", "routed_share", "z"]
+        assert layer["balance"] >= 1.0 - 1e-6 and layer["mi"] <= 0.0 and layer["dropped"] == 0.0
+        assert 0.0 < layer["routed_share"] < 1.0
+    assert "routing/block1/mi" in (out / "metrics.csv").read_text()
 
 
 @pytest.mark.distributed

@@ -29,6 +29,21 @@ def test_document_keeps_the_configured_tasks_and_round_trips(tmp_path):
     assert routes_file.load(routes_file.write(tmp_path / "r.json", doc)) == doc
 
 
+def test_model_hash_ignores_a_later_key_at_its_old_value():
+    import dataclasses
+    import hashlib
+
+    from pathways_mm.config import MOE_RUNTIME_KEYS, to_dict
+
+    model = to_dict(ROUTES_CFG.model)
+    old_moe = {k: v for k, v in model["moe"].items() if k not in MOE_RUNTIME_KEYS and k != "shared_d_ff"}
+    old = hashlib.sha256(json.dumps({**model, "moe": old_moe}, sort_keys=True).encode()).hexdigest()[:16]
+    assert routes_file.model_identity(ROUTES_CFG)["hash"] == old  # as written before shared experts existed
+    moe = dataclasses.replace(ROUTES_CFG.model.moe, shared_d_ff=8)
+    shared = ROUTES_CFG.replace(model=dataclasses.replace(ROUTES_CFG.model, moe=moe))
+    assert routes_file.model_identity(shared)["hash"] != old
+
+
 def test_heatmap_modality_entropy_and_dropped_numbers():
     v = views(make_doc(BEFORE, dropped={1: {(0, TEXT, 0): 10}}))
     assert v.tasks == ["a", "b"]  # "new" has no tokens in this file
@@ -40,6 +55,21 @@ def test_heatmap_modality_entropy_and_dropped_numbers():
     assert np.isnan(l3.modality_ME[:, 3]).all()  # no routes: no share to draw
     np.testing.assert_allclose(l1.entropy_T, [0.7, 0.7])
     np.testing.assert_allclose(l1.dropped_T, [0.1, 0.0])
+
+
+def test_gate_usage_entropy_and_tokens_off_the_main_expert():
+    old = views(make_doc(BEFORE))  # a routes file without top-1 counts (written before them) still loads
+    assert np.isnan(old.layers[0].off_top_T).all()
+    # usage entropy: the entropy of a task's routes over experts, nats (block 3, task a: 50/50 -> ln 2)
+    np.testing.assert_allclose(old.layers[1].usage_entropy_T, [np.log(2), np.log(2)])
+    doc = make_doc(BEFORE)
+    top1 = np.zeros((3, 3, ROUTES_E), dtype=int)
+    top1[0, TEXT] = [40, 0, 10, 0]  # task a: 50 tokens, its most-routed expert is 0 -> 10 of 50 off it
+    top1[1, TEXT] = [0, 0, 30, 0]  # task b: most-routed expert 2 (40 routes) -> none off it
+    doc["layers"][0]["top1"] = top1.tolist()
+    v = views(doc)
+    np.testing.assert_allclose(v.layers[0].off_top_T, [0.2, 0.0])
+    assert np.isnan(v.layers[1].off_top_T).all()  # that layer has no top-1 counts
 
 
 def test_pathways_shared_nodes_and_reuse():
