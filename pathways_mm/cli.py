@@ -276,13 +276,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu_check(args: argparse.Namespace) -> int:
-    from pathways_mm.bench.gpu_check import failed_parts, run_gpu_check
+    from pathways_mm.bench.gpu_check import PARTS, failed_parts, run_gpu_check
 
     failed: list[str] = []
 
     def go() -> None:
         opts = _pick(args, "budget_s", "demo_config")
-        parts = tuple(args.parts.split(","))
+        parts = tuple(args.parts.split(",")) if args.parts else PARTS
         failed.extend(failed_parts(run_gpu_check(args.out, dry_run=args.dry_run or None, parts=parts, **opts)))
 
     rc = run_guarded(go)
@@ -551,9 +551,7 @@ def _add_bench(sub) -> None:
     g.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json, .md and .log")
     g.add_argument("--dry-run", action="store_true", help="tiny configs even on a GPU (default: only without CUDA)")
     g.add_argument("--budget-s", type=float, help="the check ends within this many seconds (default: 450 on a GPU)")
-    g.add_argument(
-        "--parts", default="pytest,moe,train,demo,pipeline", help="comma-separated subset (a rerun of what failed)"
-    )
+    g.add_argument("--parts", help="comma-separated subset of the parts (default all; a rerun of what failed)")
     g.add_argument("--demo-config", default="configs/experiments/demo.yaml", help="experiment of the training run")
     g.set_defaults(func=cmd_bench_gpu_check)
     y = kinds.add_parser("telemetry", help="a full training step with route telemetry on vs off")
